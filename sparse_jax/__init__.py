@@ -1,7 +1,17 @@
 """sparse_jax: N:M (2:4) structured sparsity for JAX, optax and Flax."""
 
 # --- core: patterns, selection rules, pruning, the masked transform (issue 2) ---
-# (filled in by the core work)
+from sparse_jax._masked import MaskedState, masked, masks_from_state
+from sparse_jax._patterns import is_nm_sparse, nm_mask, nm_violations
+from sparse_jax._prune import (
+    ReportRow,
+    SparsityReport,
+    apply_masks,
+    check_masks,
+    prune,
+    sparsity_report,
+)
+from sparse_jax._selection import LeafPlan, plan_tree
 
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 
