@@ -26,13 +26,13 @@ def pack_bits(mask: jax.Array) -> jax.Array:
         pad = [(0, 0)] * (mask.ndim - 1) + [(0, padded - last)]
         mask = jnp.pad(mask, pad)
     bits = mask.reshape(mask.shape[:-1] + (padded // 8, 8)).astype(jnp.uint8)
-    weights = jnp.asarray(_BIT_WEIGHTS, dtype=jnp.uint8)
+    weights = jnp.asarray(_BIT_WEIGHTS, dtype=jnp.uint8).reshape((1,) * (bits.ndim - 1) + (8,))
     return jnp.sum(bits * weights, axis=-1, dtype=jnp.uint8)
 
 
 def unpack_bits(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Inverse of `pack_bits`: the bool array of ``shape`` that was packed."""
-    shifts = jnp.arange(8, dtype=jnp.uint8)
+    shifts = jnp.arange(8, dtype=jnp.uint8).reshape((1,) * packed.ndim + (8,))
     bits = (packed[..., None] >> shifts) & jnp.uint8(1)
     flat_last = bits.reshape(packed.shape[:-1] + (packed.shape[-1] * 8,))
     last = shape[-1] if shape else 1
