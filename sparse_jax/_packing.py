@@ -32,11 +32,11 @@ def pack_bits(mask: jax.Array) -> jax.Array:
 
 def unpack_bits(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Inverse of `pack_bits`: the bool array of ``shape`` that was packed."""
-    shifts = jnp.arange(8, dtype=jnp.uint8).reshape((1,) * packed.ndim + (8,))
-    bits = (packed[..., None] >> shifts) & jnp.uint8(1)
+    weights = jnp.asarray(_BIT_WEIGHTS, dtype=jnp.uint8).reshape((1,) * packed.ndim + (8,))
+    bits = (packed[..., None] & weights) != 0
     flat_last = bits.reshape(packed.shape[:-1] + (packed.shape[-1] * 8,))
     last = shape[-1] if shape else 1
-    return flat_last[..., :last].astype(jnp.bool_).reshape(shape)
+    return flat_last[..., :last].reshape(shape)
 
 
 def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
