@@ -290,3 +290,33 @@ def test_jit_of_init_and_extra_args_are_passed_through():
     updates, _ = update(grads, state, params)
     new = optax.apply_updates(params, updates)
     assert bool(sparse_jax.is_nm_sparse(new["conv"]["kernel"], axis=2))
+
+
+def test_orbax_round_trip_of_the_optimizer_state_keeps_masks(tmp_path):
+    import orbax.checkpoint as ocp
+
+    params, masks = sparse_jax.prune(make_params(jax.random.key(6), 8, 4, 8))
+    tx = sparse_jax.masked(optax.adam(1e-2), masks)
+    rng = np.random.default_rng(6)
+    batches = [random_batch(rng, 8, 4, 8) for _ in range(4)]
+    params, state = masked_run(tx, params, batches[:2])
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+    with ocp.StandardCheckpointer() as checkpointer:
+        target = {"params": params, "opt_state": tx.init(params)}
+        restored = checkpointer.restore(tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+
+    recovered = sparse_jax.masks_from_state(restored["opt_state"], restored["params"])
+    for a, b in zip(jax.tree.leaves(recovered), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(a, b)
+    # Training resumed from the checkpoint matches training that never stopped.
+    def run_on(p, s):
+        for batch in batches[2:]:
+            updates, s = tx.update(jax.grad(loss_fn)(p, *batch), s, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    for a, b in zip(jax.tree.leaves(run_on(params, state)),
+                    jax.tree.leaves(run_on(restored["params"], restored["opt_state"]))):
+        np.testing.assert_array_equal(a, b)
