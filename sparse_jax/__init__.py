@@ -15,5 +15,6 @@ from sparse_jax._selection import LeafPlan, plan_tree
 
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
+from sparse_jax._matmul import matmul
 
 __version__ = "0.1.0"
