@@ -20,7 +20,8 @@ class MaskedState(NamedTuple):
     Attributes:
       inner_state: the wrapped transformation's state.
       packed_masks: one entry per params leaf (in ``jax.tree.leaves`` order):
-        the leaf's mask packed 8 entries per uint8 along its last axis, or
+        the leaf's mask packed 8 entries per uint8 along its second-to-last
+        axis (see ``sparse_jax._packing``), or
         ``None`` for a leaf that is not pruned.
     """
 
@@ -41,7 +42,7 @@ def _follow_sharding(packed: jax.Array, param: Any) -> jax.Array:
             continue
         names = names if isinstance(names, tuple) else (names,)
         if dim % math.prod(mesh.shape[name] for name in names):
-            return packed  # the packed last axis no longer splits evenly
+            return packed  # the packed axis no longer splits evenly
     return jax.device_put(packed, sharding)
 
 
@@ -96,7 +97,7 @@ def masked(
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its ``update`` requires
       ``params``; extra keyword arguments go to ``inner``. The state keeps the
-      masks bit-packed (1 bit per pruned weight when the last axis is a multiple
+      masks bit-packed (1 bit per pruned weight when the input axis is a multiple
       of 8).
 
     Example:

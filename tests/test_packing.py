@@ -17,10 +17,10 @@ def test_pack_matches_numpy_and_round_trips(shape, seed):
     packed = np.asarray(_packing.pack_bits(mask))
     assert packed.dtype == np.uint8
     assert packed.shape == _packing.packed_shape(tuple(shape))
-    np.testing.assert_array_equal(packed, np.packbits(mask, axis=-1, bitorder="little"))
+    np.testing.assert_array_equal(packed, np.packbits(mask, axis=max(mask.ndim - 2, 0), bitorder="little"))
     np.testing.assert_array_equal(np.asarray(_packing.unpack_bits(packed, tuple(shape))), mask)
 
 
-def test_one_bit_per_weight_when_last_axis_is_a_multiple_of_8():
+def test_one_bit_per_weight_when_the_packed_axis_is_a_multiple_of_8():
     mask = np.ones((3, 3, 64, 128), dtype=bool)
     assert np.asarray(_packing.pack_bits(mask)).nbytes * 8 == mask.size
