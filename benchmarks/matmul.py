@@ -4,9 +4,11 @@ Times, in one run on one device: XLA's dense ``jnp.dot``; sparse_jax's kernels
 (portable Pallas, Mosaic GPU); and, when PyTorch with CUDA is importable,
 PyTorch dense ``F.linear`` and its semi-structured sparse matmul
 (``torch.sparse.to_sparse_semi_structured``, cuSPARSELt). Prints a table of
-milliseconds (median of many timed repetitions after warm-up; each repetition
-runs ``--inner`` calls back to back over rotating weight copies, so the weight
-comes from HBM rather than L2) and speedups over XLA dense, plus the fraction
+milliseconds (median of many timed repetitions after warm-up; a JAX
+repetition is one jitted dispatch running the product once per weight copy,
+``--copies`` rotating copies so the weight comes from HBM rather than L2 and
+the host's dispatch cost is shared; PyTorch runs the same products eagerly,
+synchronising once per repetition) and speedups over XLA dense, plus the fraction
 of the measured HBM bandwidth each reached (bytes moved: x, the weight as
 stored, the output; bandwidth: a large device-to-device copy timed here).
 
@@ -83,25 +85,22 @@ def parse_args(argv=None):
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions")
     parser.add_argument("--iters", type=int, default=30, help="timed repetitions (median)")
-    parser.add_argument("--inner", type=int, default=8, help="back-to-back calls per repetition")
-    parser.add_argument("--copies", type=int, default=4, help="weight copies rotated through")
+    parser.add_argument("--copies", type=int, default=8, help="weight copies rotated through per repetition")
     parser.add_argument("--out", type=Path, help="directory for <device>-<date>.txt and .jsonl")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def time_ms(step, n_inputs: int, *, warmup: int, iters: int, inner: int, sync) -> float:
-    """Median ms per call of ``step(i)`` (i rotates over inputs); ``sync`` waits for the device."""
-    for i in range(warmup * inner):
-        out = step(i % n_inputs)
-    sync(out)
+def time_ms(repetition, products: int, *, warmup: int, iters: int, sync) -> float:
+    """Median ms per product of ``repetition()``, which runs ``products`` of them;
+    ``sync`` waits for the device."""
+    for _ in range(warmup):
+        sync(repetition())
     samples = []
     for _ in range(iters):
         start = time.perf_counter()
-        for i in range(inner):
-            out = step(i % n_inputs)
-        sync(out)
-        samples.append((time.perf_counter() - start) * 1e3 / inner)
+        sync(repetition())
+        samples.append((time.perf_counter() - start) * 1e3 / products)
     return statistics.median(samples)
 
 
@@ -110,7 +109,7 @@ def copy_bandwidth(log, gib: float = 1.0) -> float:
     n = int(gib * 2**30) // 4
     a = jnp.arange(n, dtype=jnp.float32)
     copy = jax.jit(lambda t: t + 1.0)
-    ms = time_ms(lambda i: copy(a), 1, warmup=2, iters=10, inner=4, sync=jax.block_until_ready)
+    ms = time_ms(lambda: copy(a), 1, warmup=2, iters=10, sync=jax.block_until_ready)
     bw = 2 * n * 4 / (ms * 1e-3)
     log(f"measured copy bandwidth: {bw / 1e9:.0f} GB/s ({gib:.1f} GiB read + written, {ms:.3f} ms)")
     return bw
@@ -169,8 +168,8 @@ def main(argv=None) -> int:
     if torch is None:
         impls = [i for i in impls if not i.startswith("torch")]
     bandwidth = copy_bandwidth(log) if on_gpu else None
-    log(f"timing: median of {args.iters} repetitions x {args.inner} calls, {args.warmup} warm-up, "
-        f"{args.copies} rotating weight copies")
+    log(f"timing: median of {args.iters} repetitions of {args.copies} products (one per rotating "
+        f"weight copy; one jitted dispatch for JAX), {args.warmup} warm-up")
 
     records, failed = [], set()
     stem = f"{device_name.replace(' ', '-')}-{date}"
@@ -219,22 +218,22 @@ def main(argv=None) -> int:
                         lin = torch.nn.functional.linear
                         y = lin(tx, mats[0])
                         err = rel_err(jnp.asarray(y.float().cpu().numpy()), ref)
-                        ms = time_ms(lambda i: lin(tx, mats[i]), len(mats), warmup=args.warmup,
-                                     iters=args.iters, inner=args.inner,
-                                     sync=lambda _: torch.cuda.synchronize())
+                        ms = time_ms(lambda: [lin(tx, w) for w in mats], len(mats), warmup=args.warmup,
+                                     iters=args.iters, sync=lambda _: torch.cuda.synchronize())
                         nbytes = sparse_bytes if impl == "torch_cusparselt" else dense_bytes
                     else:
                         if impl == "dense_xla":
-                            fn = jax.jit(lambda x, w: jnp.dot(x, w))
+                            one = lambda x, w: jnp.dot(x, w)  # noqa: E731
                             operands = weights
                             nbytes = dense_bytes
                         else:
-                            fn = jax.jit(lambda x, s, impl=impl: sparse_jax.matmul(x, s, impl=impl))
+                            one = lambda x, s, impl=impl: sparse_jax.matmul(x, s, impl=impl)  # noqa: E731
                             operands = compressed
                             nbytes = sparse_bytes
-                        err = rel_err(fn(x, operands[0]), ref)
-                        ms = time_ms(lambda i: fn(x, operands[i]), len(operands), warmup=args.warmup,
-                                     iters=args.iters, inner=args.inner, sync=jax.block_until_ready)
+                        err = rel_err(jax.jit(one)(x, operands[0]), ref)
+                        every = jax.jit(lambda x, ws, one=one: [one(x, w) for w in ws])
+                        ms = time_ms(lambda: every(x, operands), len(operands), warmup=args.warmup,
+                                     iters=args.iters, sync=jax.block_until_ready)
                 except Exception as exc:  # noqa: BLE001 - one kernel's failure must not end the table
                     if impl not in failed:
                         failed.add(impl)

@@ -47,7 +47,7 @@ def default_mosaic_tiles(m: int, k_padded: int, n: int) -> Tiles:
     return Tiles(block_m=block_m, block_k=block_k, block_n=block_n)
 
 
-def _call(x, values, meta, *, tiles: Tiles, out_dtype, max_concurrent_steps: int):
+def _call(x, values, meta, *, tiles: Tiles, out_dtype, max_concurrent_steps: int, semantics: str):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m_t, k_t = x.shape
@@ -91,18 +91,23 @@ def _call(x, values, meta, *, tiles: Tiles, out_dtype, max_concurrent_steps: int
 
     return plgpu.kernel(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m_t, n_t), out_dtype),
+        # out_type/scratch_types: the spellings both jax 0.10 and 0.11 accept.
+        out_type=jax.ShapeDtypeStruct((m_t, n_t), out_dtype),
         grid=(m_t // bm, n_t // bn),
         grid_names=("m", "n"),
-        scratch_shapes=[
+        scratch_types=[
             plgpu.SMEM((bk, bn), dtype, transforms=w_transforms),
             plgpu.SMEM((bm, bn), out_dtype, transforms=out_transforms),
         ],
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=getattr(plgpu.LoweringSemantics, semantics.capitalize())
+        ),
     )(x, values, meta)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k_dense", "tiles", "interpret", "max_concurrent_steps")
+    jax.jit,
+    static_argnames=("k_dense", "tiles", "interpret", "max_concurrent_steps", "semantics"),
 )
 def sparse24_matmul_mosaic(
     x: jax.Array,
@@ -113,6 +118,7 @@ def sparse24_matmul_mosaic(
     tiles: Tiles | None = None,
     interpret: bool = False,
     max_concurrent_steps: int = 3,
+    semantics: str = "lane",
 ) -> jax.Array:
     """``x @ W`` for ``W`` of shape ``(k_dense, N)`` compressed along axis 0, on Hopper.
 
@@ -124,6 +130,7 @@ def sparse24_matmul_mosaic(
       tiles: block sizes (``block_m`` a multiple of 64); chosen from the shape when None.
       interpret: run on the CPU with Mosaic GPU's interpreter.
       max_concurrent_steps: shared-memory pipeline stages.
+      semantics: Mosaic GPU lowering semantics, ``"lane"`` or ``"warpgroup"``.
 
     Returns:
       ``(M, N)`` in ``x``'s dtype, accumulated in float32.
@@ -169,7 +176,11 @@ def sparse24_matmul_mosaic(
     values = pad_to(values, (k_t // 2, n_t))
     meta = lax.bitcast_convert_type(pad_to(meta, (k_t // _METADATA_ROWS, n_t)), jnp.int32)
     call = functools.partial(
-        _call, tiles=tiles, out_dtype=x.dtype, max_concurrent_steps=max_concurrent_steps
+        _call,
+        tiles=tiles,
+        out_dtype=x.dtype,
+        max_concurrent_steps=max_concurrent_steps,
+        semantics=semantics,
     )
     if interpret:
         with mosaic_gpu_interpret_mode():
