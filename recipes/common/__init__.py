@@ -1,0 +1,1 @@
+"""Shared recipe code: models, input pipelines, the dense -> prune -> retrain -> evaluate workflow."""

@@ -1,0 +1,103 @@
+"""The command line every recipe script shares (the scripts only name their model)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+import typing
+
+from recipes.common import configs
+
+
+def _parse_value(field: dataclasses.Field, text: str):
+    kind = typing.get_type_hints(configs.Config)[field.name]
+    if text.lower() in ("none", "null"):
+        return None
+    if kind in (bool, bool | None):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"{field.name}: expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if kind in (int, int | None):
+        return int(text)
+    if kind in (float, float | None):
+        return float(text)
+    if "tuple" in str(kind):
+        return tuple(int(v) for v in text.split(",") if v)
+    return text
+
+
+def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help="ImageNet-style folder with train/<class>/*.JPEG and "
+                        "val/<class>/*.JPEG; selects the full recipe. Without it: built-in MNIST")
+    parser.add_argument("--workdir", help="output directory (default runs/<model>_<dataset>)")
+    parser.add_argument("--init-from", help="dense weights instead of dense training: an orbax "
+                        "checkpoint (a run directory or checkpoint step) or torchvision weights "
+                        "as .safetensors with torchvision key names")
+    parser.add_argument("--batch-size", type=int, help="global batch, split over all devices "
+                        "(full recipe: 256; the learning rate scales with it)")
+    parser.add_argument("--epochs", type=float, help="epochs of each phase (dense and retrain; "
+                        "full recipe: 90, lr steps every third of it unless --set lr_step_epochs=)")
+    parser.add_argument("--steps", type=int, help="steps of each phase (overrides --epochs)")
+    parser.add_argument("--lr", type=float, help="learning rate per 256 images (default 0.1)")
+    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
+    parser.add_argument("--workers", type=int, help="grain worker processes (full recipe: 8)")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the dense model for the retraining steps (fair "
+                        "comparison; on by default for built-in data, off for ImageNet)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
+                        "from its last checkpoint (same result as an uninterrupted run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again even if --workdir holds an unfinished run")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host: call jax.distributed.initialize() first")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
+                        "code path (all phases, checkpoints, plot) in well under a minute")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any config field, e.g. --set weight_decay=5e-5 "
+                        "--set compute_dtype=float32 (see recipes/common/configs.py)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, model: str) -> configs.Config:
+    config = configs.imagenet_config() if args.data_dir else configs.builtin_config()
+    config = config.replace(model=model, data_dir=args.data_dir)
+    if args.data_dir is not None:
+        config = config.replace(control=False)
+    if args.smoke:
+        config = configs.smoke_config(config)
+    overrides = {"init_from": args.init_from, "batch_size": args.batch_size,
+                 "num_epochs": args.epochs, "num_train_steps": args.steps,
+                 "learning_rate_per_256": args.lr, "devices": args.devices,
+                 "num_workers": args.workers, "control": args.control}
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if args.distributed:
+        config = config.replace(distributed=True)
+    if args.no_progress:
+        config = config.replace(progress_bar=False)
+    fields = {f.name: f for f in dataclasses.fields(configs.Config)}
+    for assignment in args.set:
+        name, _, text = assignment.partition("=")
+        if name not in fields:
+            raise SystemExit(f"--set {assignment}: unknown config field {name!r}")
+        config = config.replace(**{name: _parse_value(fields[name], text)})
+    return config
+
+
+def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
+    args = build_parser(description, epilog).parse_args(argv)
+    config = config_from_args(args, model)
+    dataset = "imagenet" if args.data_dir else "mnist_5k"
+    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
+    # Imported late so that --help answers without loading jax.
+    from recipes.common import train
+
+    started = time.time()
+    results = train.train_and_evaluate(config, workdir, resume=args.resume,
+                                       overwrite=args.overwrite)
+    print(f"total wall time {time.time() - started:.0f} s")
+    return results
