@@ -16,5 +16,10 @@ from sparse_jax._selection import LeafPlan, plan_tree
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
 from sparse_jax._matmul import matmul
+from sparse_jax import kernels, nn
+
+# --- compressed checkpoints (issue 12); `sparse_jax.export`, `sparse_jax.inspect` are submodules ---
+from sparse_jax._checkpoint import CompressedStats, restore_compressed, save_compressed
+from sparse_jax import export, inspect  # noqa: E402  (submodules; jax2onnx/onnx load lazily)
 
 __version__ = "0.1.0"
