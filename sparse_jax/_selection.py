@@ -7,7 +7,8 @@ cuSPARSELt) need the groups of 4 along a matmul's reduction (input) dimension.
 leaf                                            reduction axis
 ==============================================  ==========================
 ``Dense``/``Linear`` kernel ``(in, out)``       0
-``Conv`` kernel ``(..., in, out)``              -2
+``Conv`` kernel ``(..., in, out)``              -2 (for a grouped conv,
+                                                ``in`` is per group)
 attention ``query``/``key``/``value`` kernels   0 (``(in, heads, head_dim)``)
 attention ``out`` kernel ``(heads, dim, out)``  -2 (``dim``, contiguous in
                                                 the flattened ``heads*dim``)
@@ -158,6 +159,8 @@ def _plan_leaf(
     if "embed" in path.lower():
         return plan(None, "embedding")
     axis = _default_axis(path, shape)
+    if len(shape) >= 3 and axis == len(shape) - 2 and shape[axis] == 1:
+        return plan(None, f"depthwise conv (1 input channel per group) cannot be {n}:{m}")
     if shape[axis] % m:
         return plan(None, f"reduction size {shape[axis]} (axis {axis}) not a multiple of {m}")
     if asp_size_rule and not _asp_size_ok(shape, axis):

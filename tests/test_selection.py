@@ -71,6 +71,17 @@ def test_nnx_state_and_plain_dict_get_the_same_plan():
     }
 
 
+def test_grouped_conv_pruned_per_group_and_depthwise_skipped():
+    model_params = {
+        "grouped": {"kernel": jnp.ones((3, 3, 8, 64))},  # 32 groups x 8 in-channels per group
+        "depthwise": {"kernel": jnp.ones((3, 3, 1, 64))},  # feature_group_count == in channels
+    }
+    plans = plans_by_path(model_params)
+    assert plans["grouped/kernel"].axis == 2
+    assert plans["depthwise/kernel"].axis is None
+    assert "depthwise" in plans["depthwise/kernel"].reason
+
+
 def test_non_float_and_small_leaves_are_skipped():
     params = {"count": jnp.zeros((8, 8), jnp.int32), "flag": jnp.zeros((8, 8), bool),
               "scalar": jnp.float32(1.0), "w": jnp.ones((8, 8))}
