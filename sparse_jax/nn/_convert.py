@@ -11,7 +11,7 @@ from sparse_jax.nn._sparse_linear import SparseLinear
 
 
 def _eligible(linear: nnx.Linear, prune: bool) -> bool:
-    kernel = linear.kernel.value
+    kernel = linear.kernel[...]
     if kernel.ndim != 2 or kernel.shape[0] % 4:
         return False
     return prune or bool(is_nm_sparse(kernel, 2, 4, axis=0))

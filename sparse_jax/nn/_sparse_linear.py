@@ -34,8 +34,8 @@ class SparseLinear(nnx.Module):
       >>> dense = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
       >>> layer = sparse_jax.nn.SparseLinear.from_linear(dense, prune=True)
       >>> x = jnp.ones((2, 16))
-      >>> w = dense.kernel.value * sparse_jax.nm_mask(dense.kernel.value, axis=0)
-      >>> bool(jnp.allclose(layer(x), x @ w + dense.bias.value, atol=1e-5))
+      >>> w = dense.kernel[...] * sparse_jax.nm_mask(dense.kernel[...], axis=0)
+      >>> bool(jnp.allclose(layer(x), x @ w + dense.bias[...], atol=1e-5))
       True
     """
 
@@ -70,7 +70,7 @@ class SparseLinear(nnx.Module):
     def kernel(self) -> Sparse24:
         """The compressed kernel as a `Sparse24`."""
         return Sparse24(
-            self.values.value, self.meta.value, (self.in_features, self.out_features), 0
+            self.values[...], self.meta[...], (self.in_features, self.out_features), 0
         )
 
     @classmethod
@@ -82,8 +82,8 @@ class SparseLinear(nnx.Module):
           prune: keep the 2 largest magnitudes per group instead of requiring 2:4.
           impl: `sparse_jax.matmul`'s ``impl`` for the new layer.
         """
-        kernel = compress(linear.kernel.value, axis=0, prune=prune)
-        bias = linear.bias.value if linear.bias is not None else None
+        kernel = compress(linear.kernel[...], axis=0, prune=prune)
+        bias = linear.bias[...] if linear.bias is not None else None
         return cls(kernel, bias, dtype=linear.dtype, param_dtype=linear.param_dtype, impl=impl)
 
     def to_linear(self) -> nnx.Linear:
@@ -97,9 +97,9 @@ class SparseLinear(nnx.Module):
             kernel_init=nnx.initializers.zeros_init(),
             rngs=nnx.Rngs(0),
         )
-        linear.kernel.value = decompress(self.kernel)
+        linear.kernel[...] = decompress(self.kernel)
         if self.bias is not None:
-            linear.bias.value = self.bias.value
+            linear.bias[...] = self.bias[...]
         return linear
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,6 +108,6 @@ class SparseLinear(nnx.Module):
         kernel = Sparse24(kernel.values.astype(dtype), kernel.meta, kernel.shape, 0)
         y = matmul(jnp.asarray(x, dtype), kernel, impl=self.impl)
         if self.bias is not None:
-            bias = self.bias.value.astype(dtype)
+            bias = self.bias[...].astype(dtype)
             y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
         return y
