@@ -127,8 +127,9 @@ def _plan_leaf(
     rules: list[tuple[re.Pattern[str], Action]],
     asp_size_rule: bool,
 ) -> LeafPlan:
-    shape = tuple(np.shape(leaf))
-    dtype = jnp.result_type(leaf) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    # Abstract leaves (jax.ShapeDtypeStruct, from nnx.eval_shape) are planned too.
+    shape = tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
     where = f"{path or '<root>'} {shape}: "
 
     def plan(axis: int | None, reason: str) -> LeafPlan:

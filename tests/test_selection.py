@@ -92,6 +92,13 @@ def test_non_float_and_small_leaves_are_skipped():
     assert plans["w"].axis == 0
 
 
+def test_abstract_leaves_are_planned_like_concrete_ones():
+    model = nnx.eval_shape(lambda: NNXNet(nnx.Rngs(0)))
+    abstract = nnx.state(model, nnx.Param)
+    concrete = nnx.state(NNXNet(nnx.Rngs(0)), nnx.Param)
+    assert sparse_jax.plan_tree(abstract) == sparse_jax.plan_tree(concrete)
+
+
 def test_asp_size_rule():
     params = {"a": jnp.ones((16, 8)), "b": jnp.ones((8, 8)), "c": jnp.ones((16, 12)),
               "conv": jnp.ones((3, 3, 32, 16))}
