@@ -78,14 +78,18 @@ def test_portable_kernel_transposed_matches_numpy(m, k, n, tiles, dtype):
 
 
 @pytest.mark.parametrize(
-    "m, k, n, dtype", [(70, 128, 128, jnp.bfloat16), (1, 96, 64, jnp.float16)]
+    "m, k, n, dtype, tiles",
+    [
+        (70, 256, 128, jnp.bfloat16, Tiles(64, 128, 64)),
+        (1, 96, 64, jnp.float16, Tiles(64, 64, 64)),
+    ],
 )
-def test_mosaic_kernel_matches_numpy(m, k, n, dtype):
+def test_mosaic_kernel_matches_numpy(m, k, n, dtype, tiles):
     key = jax.random.key(m + 2 * k + n)
     w = random_24(key, (k, n), dtype)
     x = random_x(jax.random.fold_in(key, 5), (m, k), dtype)
     s = sparse_jax.compress(w)
-    y = sparse24_matmul_mosaic(x, s.values, s.meta, k_dense=k, tiles=Tiles(64, 64, 64), interpret=True)
+    y = sparse24_matmul_mosaic(x, s.values, s.meta, k_dense=k, tiles=tiles, interpret=True)
     assert y.shape == (m, n) and y.dtype == dtype
     assert rel_err(y, as_f64(x) @ as_f64(w)) < REL_TOL[dtype]
 
@@ -94,6 +98,15 @@ def test_mosaic_kernel_rejects_float32():
     s = sparse_jax.compress(random_24(jax.random.key(1), (64, 64)))
     with pytest.raises(NotImplementedError, match="bf16 or f16"):
         sparse24_matmul_mosaic(jnp.ones((2, 64)), s.values, s.meta, k_dense=64, interpret=True)
+
+
+def test_mosaic_kernel_lowers_for_hopper():
+    """Mosaic GPU's lowering (layouts, shared-memory budget) runs without a GPU."""
+    s = sparse_jax.compress(random_24(jax.random.key(3), (256, 256), jnp.bfloat16))
+    x = jnp.ones((8, 256), jnp.bfloat16)
+    for tiles in (Tiles(64, 128, 128), Tiles(128, 128, 128)):
+        fn = jax.jit(lambda x, v, m, tiles=tiles: sparse24_matmul_mosaic(x, v, m, k_dense=256, tiles=tiles))
+        fn.trace(x, s.values, s.meta).lower(lowering_platforms=("cuda",))
 
 
 def test_kernel_shape_errors_name_shapes():
