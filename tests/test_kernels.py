@@ -10,7 +10,9 @@ import sparse_jax
 from sparse_jax.kernels import (
     Tiles,
     choose_tiles,
-    expand_tile,
+    expand_phase_major,
+    permute_k,
+    unpermute_k,
     sparse24_matmul_mosaic,
     sparse24_matmul_pallas,
 )
@@ -18,11 +20,25 @@ from sparse_jax.kernels import (
 from _sparse_data import REL_TOL, as_f64, random_24, random_x, rel_err
 
 
-def test_expand_tile_equals_decompress():
+def test_expand_phase_major_equals_permuted_decompress():
     w = random_24(jax.random.key(0), (64, 16))
     s = sparse_jax.compress(w)
+    pairs = s.values.reshape(16, 2, 16)
     meta = jax.lax.bitcast_convert_type(s.meta, jnp.int32)
-    np.testing.assert_array_equal(np.asarray(expand_tile(s.values, meta, jnp.float32)), np.asarray(w))
+    dense = expand_phase_major(pairs[:, 0], pairs[:, 1], meta, jnp.float32)
+    # Row p * 16 + g holds dense row 4g + p.
+    expected = np.asarray(w).reshape(16, 4, 16).transpose(1, 0, 2).reshape(64, 16)
+    np.testing.assert_array_equal(np.asarray(dense), expected)
+
+
+def test_permute_k_round_trip_and_product():
+    x = random_x(jax.random.key(1), (3, 128))
+    w = random_x(jax.random.key(2), (128, 5))
+    xp = permute_k(x, 64)
+    np.testing.assert_array_equal(np.asarray(unpermute_k(xp, 64)), np.asarray(x))
+    # Permuting W's rows the same way keeps the product.
+    wp = permute_k(w.T, 64).T
+    np.testing.assert_allclose(np.asarray(xp @ wp), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
 
 
 def test_interpret_mode_poisons_unwritten_output():
@@ -131,9 +147,18 @@ def test_choose_tiles_divides_benchmark_shapes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["pallas", "mosaic"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_kernels_on_gpu(impl, dtype):
-    key = jax.random.key(11)
-    w = random_24(key, (512, 384), dtype)
-    x = random_x(jax.random.fold_in(key, 1), (37, 512), dtype)
+@pytest.mark.parametrize("m, k, n", [(37, 512, 384), (1, 1024, 512), (130, 256, 200)])
+def test_kernels_on_gpu(impl, dtype, m, k, n):
+    key = jax.random.key(m + k + n)
+    w = random_24(key, (k, n), dtype)
+    x = random_x(jax.random.fold_in(key, 1), (m, k), dtype)
     y = sparse_jax.matmul(x, sparse_jax.compress(w), impl=impl, interpret=False)
     assert rel_err(y, as_f64(x) @ as_f64(w)) < REL_TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_transposed_kernel_on_gpu():
+    w = random_24(jax.random.key(21), (512, 384), jnp.bfloat16)
+    g = random_x(jax.random.key(22), (37, 384), jnp.bfloat16)
+    y = sparse_jax.matmul(g, sparse_jax.compress(w), transpose=True, impl="pallas", interpret=False)
+    assert rel_err(y, as_f64(g) @ as_f64(w).T) < REL_TOL[jnp.bfloat16]

@@ -1,8 +1,11 @@
-"""Expanding one compressed tile to its dense rows, inside a kernel.
+"""Expanding one compressed tile to dense rows inside a kernel, K-permuted.
 
-Written with broadcasts, reshapes, shifts and selects only (no gathers or
-slices of values), so the same code lowers through Triton and runs in Pallas's
-interpret modes.
+The expansion is elementwise (shifts, compares, selects) plus broadcasts and
+reshapes, so it lowers through Triton and runs in Pallas's interpreter. It
+writes the dense rows *phase-major*: dense row ``4g + p`` (group ``g``,
+position ``p``) of the tile lands at row ``p * G + g`` (``G`` groups per
+tile), which needs no interleaving of values. Callers permute the columns of
+the other operand the same way (`permute_k`), leaving the product unchanged.
 """
 
 from __future__ import annotations
@@ -11,33 +14,55 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+GROUPS_PER_WORD = 8
 
-def expand_tile(values: jax.Array, meta: jax.Array, dtype) -> jax.Array:
-    """Dense ``(block_k, block_n)`` tile from its compressed pieces.
+
+def expand_phase_major(lo: jax.Array, hi: jax.Array, words: jax.Array, dtype) -> jax.Array:
+    """Dense ``(4 * G, block_n)`` tile, phase-major, from its compressed pieces.
 
     Args:
-      values: ``(block_k // 2, block_n)`` kept values.
-      meta: ``(block_k // 32, block_n)`` int32 words (the uint32 metadata,
-        bitcast), 16 two-bit positions each; see ``sparse_jax._compressed``.
-      dtype: dtype of the returned tile (the MMA's operand dtype).
+      lo: ``(G, block_n)``: the lower-position kept value of each group
+        (rows ``2g`` of ``Sparse24.values``).
+      hi: ``(G, block_n)``: the higher-position kept value (rows ``2g + 1``).
+      words: ``(G / 8, block_n)`` int32, the metadata words (uint32 bitcast).
+      dtype: dtype of the returned tile.
 
     Returns:
-      The ``(block_k, block_n)`` dense tile in ``dtype``.
+      ``(4 * G, block_n)`` with row ``p * G + g`` = dense row ``4g + p``.
     """
-    half, block_n = values.shape
-    words = meta.shape[0]
-    groups = half // 2
-    # Word w, nibble t, slot s holds the position of kept value 16w + 2t + s.
-    nibble = lax.broadcasted_iota(jnp.int32, (1, 8, 2, 1), 1)
-    slot = lax.broadcasted_iota(jnp.int32, (1, 8, 2, 1), 2)
-    shifts = jnp.broadcast_to(4 * nibble + 2 * slot, (words, 8, 2, block_n))
-    words4 = jnp.broadcast_to(meta.reshape(words, 1, 1, block_n), (words, 8, 2, block_n))
-    positions = lax.shift_right_logical(words4, shifts) & 3
-    positions = positions.reshape(groups, 2, 1, block_n)
-    pairs = values.astype(dtype).reshape(groups, 2, 1, block_n)
-    candidate = lax.broadcasted_iota(jnp.int32, (groups, 2, 4, block_n), 2)
-    chosen = jnp.broadcast_to(positions, candidate.shape) == candidate
-    spread = jnp.where(chosen, jnp.broadcast_to(pairs, candidate.shape), jnp.zeros((), dtype))
-    # The two slots of a group hold different positions: at most one term is non-zero.
-    dense = jnp.sum(spread, axis=1, dtype=dtype)
+    groups, block_n = lo.shape
+    word_rows = words.shape[0]
+    expanded = (word_rows, GROUPS_PER_WORD, block_n)
+    # Group g reads word g // 8, nibble g % 8: low 2 bits lo's position, high 2 hi's.
+    word_per_group = jnp.broadcast_to(words.reshape(word_rows, 1, block_n), expanded)
+    shift = jnp.broadcast_to(4 * lax.broadcasted_iota(jnp.int32, (1, GROUPS_PER_WORD, 1), 1), expanded)
+    word_per_group = word_per_group.reshape(groups, block_n)
+    shift = shift.reshape(groups, block_n)
+    lo_at = lax.shift_right_logical(word_per_group, shift) & 3
+    hi_at = lax.shift_right_logical(word_per_group, shift + 2) & 3
+    shape = (4, groups, block_n)
+    position = lax.broadcasted_iota(jnp.int32, shape, 0)
+    zero = jnp.zeros(shape, dtype)
+    dense = jnp.where(
+        jnp.broadcast_to(lo_at.reshape(1, groups, block_n), shape) == position,
+        jnp.broadcast_to(lo.astype(dtype).reshape(1, groups, block_n), shape),
+        jnp.where(
+            jnp.broadcast_to(hi_at.reshape(1, groups, block_n), shape) == position,
+            jnp.broadcast_to(hi.astype(dtype).reshape(1, groups, block_n), shape),
+            zero,
+        ),
+    )
     return dense.reshape(4 * groups, block_n)
+
+
+def permute_k(x: jax.Array, block_k: int) -> jax.Array:
+    """Columns of ``x`` (``(M, K)``, ``K`` a multiple of ``block_k``) in phase-major order
+    per ``block_k`` tile: column ``4g + p`` of a tile moves to ``p * block_k/4 + g``."""
+    m, k = x.shape
+    return x.reshape(m, k // block_k, block_k // 4, 4).swapaxes(2, 3).reshape(m, k)
+
+
+def unpermute_k(y: jax.Array, block_k: int) -> jax.Array:
+    """Inverse of `permute_k`."""
+    m, k = y.shape
+    return y.reshape(m, k // block_k, 4, block_k // 4).swapaxes(2, 3).reshape(m, k)

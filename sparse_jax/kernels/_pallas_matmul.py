@@ -3,9 +3,16 @@
 Each program owns one output tile and walks the reduction in ``block_k``
 steps. Per step it loads the compressed tile of ``W`` (``block_k / 2`` rows of
 values plus ``block_k / 32`` rows of uint32 metadata, so ~56% of the dense
-bytes for bf16), expands it in registers/shared memory with `expand_tile` and
-feeds the dense tile to the MMA, accumulating in float32. The dense weight never
-exists in HBM.
+bytes for bf16), expands it on chip with `expand_phase_major` and feeds the
+dense tile to the MMA, accumulating in float32. The dense weight never exists
+in HBM.
+
+The lower and higher kept values of the groups are two rectangles of a free
+reshape of ``values`` to ``(K/4, 2 * N)`` (columns ``[0, N)`` and ``[N, 2N)``),
+so the kernel loads them as two plain blocks. The expanded tile is K-permuted
+(phase-major), so ``x``'s columns are permuted to match in the wrapper (one
+pass over x, small next to the weight for decode shapes), and the transposed
+kernel's output is permuted back.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sparse_jax.kernels._expand import expand_tile
+from sparse_jax.kernels._expand import expand_phase_major, permute_k, unpermute_k
 from sparse_jax.kernels._tiles import Tiles, choose_tiles, pad_to, round_up
 
 _METADATA_ROWS = 32  # rows of the dense tile one metadata row covers
@@ -31,15 +38,15 @@ def _triton_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _nn_kernel(x_ref, values_ref, meta_ref, out_ref, *, block_k, k_steps, compute_dtype):
-    """out tile (bm, bn) = x rows (bm, K) @ W columns (K, bn)."""
+def _nn_kernel(x_ref, lo_ref, hi_ref, meta_ref, out_ref, *, block_k, k_steps, compute_dtype):
+    """out tile (bm, bn) = x rows (bm, K), K-permuted, @ W columns (K, bn)."""
+    groups = block_k // 4
 
     def step(k, acc):
-        start = pl.multiple_of(k * block_k, block_k)
-        x = x_ref[:, pl.ds(start, block_k)].astype(compute_dtype)
-        values = values_ref[pl.ds(pl.multiple_of(k * (block_k // 2), block_k // 2), block_k // 2), :]
-        meta = meta_ref[pl.ds(k * (block_k // _METADATA_ROWS), block_k // _METADATA_ROWS), :]
-        w = expand_tile(values, meta, compute_dtype)
+        x = x_ref[:, pl.ds(pl.multiple_of(k * block_k, block_k), block_k)].astype(compute_dtype)
+        rows = pl.ds(pl.multiple_of(k * groups, groups), groups)
+        words = meta_ref[pl.ds(k * (block_k // _METADATA_ROWS), block_k // _METADATA_ROWS), :]
+        w = expand_phase_major(lo_ref[rows, :], hi_ref[rows, :], words, compute_dtype)
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
@@ -47,13 +54,13 @@ def _nn_kernel(x_ref, values_ref, meta_ref, out_ref, *, block_k, k_steps, comput
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _nt_kernel(x_ref, values_ref, meta_ref, out_ref, *, block_n, n_steps, compute_dtype):
-    """out tile (bm, bk) = x rows (bm, N) @ W rows (bk, N).T."""
+def _nt_kernel(x_ref, lo_ref, hi_ref, meta_ref, out_ref, *, block_n, n_steps, compute_dtype):
+    """out tile (bm, bk), K-permuted = x rows (bm, N) @ W rows (bk, N).T."""
 
     def step(j, acc):
         cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
         x = x_ref[:, cols].astype(compute_dtype)
-        w = expand_tile(values_ref[:, cols], meta_ref[:, cols], compute_dtype)
+        w = expand_phase_major(lo_ref[:, cols], hi_ref[:, cols], meta_ref[:, cols], compute_dtype)
         return acc + lax.dot_general(
             x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
@@ -138,12 +145,14 @@ def sparse24_matmul_pallas(
     tiles.check()
     bm, bk, bn = tiles.block_m, tiles.block_k, tiles.block_n
     m_t, k_t, n_t = round_up(m, bm), round_up(k_padded, bk), round_up(n, bn)
-    values = pad_to(values, (k_t // 2, n_t))
+    # (K/4, 2N): row g is [lower kept values of group g | higher ones].
+    pairs = pad_to(values, (k_t // 2, n_t)).reshape(k_t // 4, 2 * n_t)
     # Zero metadata on padded rows puts both zero values at position 0: zero rows.
     meta = lax.bitcast_convert_type(pad_to(meta, (k_t // _METADATA_ROWS, n_t)), jnp.int32)
     params = None if interpret else _triton_params(num_warps, num_stages)
+    n_blocks = n_t // bn
     if not transpose:
-        x = pad_to(x, (m_t, k_t))
+        x = permute_k(pad_to(x, (m_t, k_t)), bk)
         kernel = functools.partial(
             _nn_kernel, block_k=bk, k_steps=k_t // bk, compute_dtype=compute_dtype
         )
@@ -152,7 +161,8 @@ def sparse24_matmul_pallas(
             grid=(m_t // bm, n_t // bn),
             in_specs=[
                 pl.BlockSpec((bm, k_t), lambda i, j: (i, 0)),
-                pl.BlockSpec((k_t // 2, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((k_t // 4, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((k_t // 4, bn), lambda i, j: (0, n_blocks + j)),
                 pl.BlockSpec((k_t // _METADATA_ROWS, bn), lambda i, j: (0, j)),
             ],
             out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
@@ -160,7 +170,7 @@ def sparse24_matmul_pallas(
             interpret=interpret,
             compiler_params=params,
             name="sparse24_matmul_nn",
-        )(x, values, meta)
+        )(x, pairs, pairs, meta)
         return out[:m, :n]
     x = pad_to(x, (m_t, n_t))
     kernel = functools.partial(
@@ -171,7 +181,8 @@ def sparse24_matmul_pallas(
         grid=(m_t // bm, k_t // bk),
         in_specs=[
             pl.BlockSpec((bm, n_t), lambda i, j: (i, 0)),
-            pl.BlockSpec((bk // 2, n_t), lambda i, j: (j, 0)),
+            pl.BlockSpec((bk // 4, n_t), lambda i, j: (j, 0)),
+            pl.BlockSpec((bk // 4, n_t), lambda i, j: (j, 1)),
             pl.BlockSpec((bk // _METADATA_ROWS, n_t), lambda i, j: (j, 0)),
         ],
         out_specs=pl.BlockSpec((bm, bk), lambda i, j: (i, j)),
@@ -179,5 +190,5 @@ def sparse24_matmul_pallas(
         interpret=interpret,
         compiler_params=params,
         name="sparse24_matmul_nt",
-    )(x, values, meta)
-    return out[:m, :k_dense]
+    )(x, pairs, pairs, meta)
+    return unpermute_k(out, bk)[:m, :k_dense]
