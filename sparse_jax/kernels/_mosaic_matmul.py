@@ -61,6 +61,14 @@ def _call(
     """The kernel on padded operands; ``x`` already permuted by `_permute_k`."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    # Each of the 128 threads holds whole vectors of the (block_k/32, block_n) pieces.
+    piece = (tiles.block_k // _METADATA_ROWS) * tiles.block_n
+    vec_size = next((v for v in (_VEC, 2, 1) if piece % (128 * v) == 0), None)
+    if vec_size is None:
+        raise ValueError(
+            f"sparse24_matmul_mosaic: tiles {tiles} give {piece}-element expansion pieces; "
+            "block_k / 32 * block_n must be a multiple of 128"
+        )
     if interpret:  # the interpreter knows neither plgpu.load nor layouts
         def to_registers(ref, mma_layout=False):
             return ref[...]
@@ -69,7 +77,7 @@ def _call(
             if mma_layout:  # what a tiled, swizzled store needs
                 return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=False)
             # One register layout for metadata and values, so their selects line up.
-            layout = plgpu.Layout.WG_STRIDED(tuple(ref.shape), vec_size=_VEC)
+            layout = plgpu.Layout.WG_STRIDED(tuple(ref.shape), vec_size=vec_size)
             return plgpu.load(ref, (), layout=layout)
 
     m_t, k_t = x.shape
