@@ -240,6 +240,12 @@ def sparse24_matmul_mosaic(
     tiles.check()
     if tiles.block_m % _WGMMA_M:
         raise ValueError(f"{where}: Tiles.block_m={tiles.block_m} must be a multiple of 64")
+    if tiles.block_n * x.dtype.itemsize < 128 or tiles.block_k * x.dtype.itemsize < 128:
+        # wgmma wants both operands with the same 128-byte swizzle.
+        raise ValueError(
+            f"{where}: Tiles.block_n={tiles.block_n} and block_k={tiles.block_k} must span "
+            f"at least 128 bytes of {x.dtype} (>= {128 // x.dtype.itemsize} elements)"
+        )
     if max_concurrent_steps is None:
         max_concurrent_steps = 3 if tiles.block_m <= _WGMMA_M else 2
     m_t = round_up(m, tiles.block_m)
