@@ -190,6 +190,12 @@ MODELS = {
 }
 
 
+def init_rngs(seed: int) -> nnx.Rngs:
+    """Initialisation randomness from an RBG key: on CPU, threefry's initialisers take
+    seconds per layer shape to compile, RBG's a fraction of that; weights are as random."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (BatchNorm running statistics excluded, as in torch)."""
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -68,7 +68,7 @@ def create_model(config: Config, info: input_pipeline.DatasetInfo, seed: int | N
                          in_channels=info.image_shape[-1], stem=config.stem,
                          small_stem_stride=config.small_stem_stride,
                          dtype=jnp.dtype(config.compute_dtype),
-                         rngs=nnx.Rngs(config.seed if seed is None else seed))
+                         rngs=models.init_rngs(config.seed if seed is None else seed))
 
 
 def create_mesh(num_devices: int = -1) -> Mesh:
@@ -389,8 +389,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                          f"{config.eval_batch_size} must be multiples of the {mesh.size} devices")
     datasets = input_pipeline.create_datasets(config)
     info = datasets.info
-    # Initialising under jit compiles once, instead of once per initializer call and shape.
-    model = nnx.jit(lambda: create_model(config, info))()
+    model = create_model(config, info)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
     eval_step = make_eval_step(graphdef, mesh, info, jnp.dtype(config.compute_dtype))
@@ -429,9 +428,9 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     pruned_params, masks = jax.jit(functools.partial(
         sparse_jax.prune, n=config.sparsity_n, m=config.sparsity_m))(dense_state["params"])
     one_shot = evaluate(eval_step, pruned_params, dense_state["batch_stats"], datasets, config, mesh)
-    log.truncate("one_shot", -1)
-    log.write({"phase": "one_shot", "step": 0, "split": "eval", "loss": one_shot["loss"],
-               "metric": one_shot["top1"], "top5": one_shot["top5"]})
+    if not any(r["phase"] == "one_shot" for r in log.read()):  # a resumed run logged it already
+        log.write({"phase": "one_shot", "step": 0, "split": "eval", "loss": one_shot["loss"],
+                   "metric": one_shot["top1"], "top5": one_shot["top5"]})
     wf.print(f"[prune] {config.sparsity_n}:{config.sparsity_m} one-shot held-out top-1 "
              f"{100 * one_shot['top1']:.2f}%")
 

@@ -24,6 +24,9 @@ import numpy as np
 from flax import nnx
 from flax import traverse_util
 
+# Parameters and batch-norm statistics: what a torchvision state dict holds.
+_WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
 # NNX leaf name -> torchvision parameter name, for BatchNorm and Linear/Conv.
 _NNX_TO_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
                       "var": "running_var"}
@@ -60,7 +63,7 @@ def import_torchvision_state_dict(model: nnx.Module, state_dict: dict[str, np.nd
         ValueError: a key is missing or unexpected, or a shape does not match; the message names
             the torchvision key, the NNX path and both shapes.
     """
-    state = nnx.state(model, nnx.Param, nnx.BatchStat)
+    state = nnx.state(model, _WEIGHTS)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
     expected_keys = {_torch_key(path): path for path in flat}
     given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
@@ -85,7 +88,7 @@ def import_torchvision_state_dict(model: nnx.Module, state_dict: dict[str, np.nd
 
 def export_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The inverse of `import_torchvision_state_dict` (torch layouts, torchvision names)."""
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param, nnx.BatchStat)))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, _WEIGHTS)))
     out = {}
     for path, value in flat.items():
         value = np.asarray(value)
@@ -111,7 +114,7 @@ def init_model_from(model: nnx.Module, source: str) -> str:
     from recipes.common import checkpointing
 
     params, batch_stats, where = checkpointing.load_dense_weights(source, model)
-    state = nnx.state(model, nnx.Param, nnx.BatchStat)
+    state = nnx.state(model, _WEIGHTS)
     nnx.replace_by_pure_dict(state, {**_deep_merge(params, batch_stats)})
     nnx.update(model, state)
     return f"orbax checkpoint {where}"
