@@ -14,9 +14,16 @@ from _sparse_data import REL_TOL, as_f64, random_24, random_x, rel_err
 SMALL_TILES = Tiles(16, 32, 16)
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("x_shape", [(1, 64), (2, 3, 64)])
+@pytest.mark.parametrize(
+    "impl, dtype, x_shape",
+    [
+        ("reference", jnp.bfloat16, (2, 3, 64)),
+        ("reference", jnp.float32, (1, 64)),
+        ("pallas", jnp.bfloat16, (1, 64)),
+        ("pallas", jnp.float16, (2, 3, 64)),
+        ("pallas", jnp.float32, (2, 3, 64)),
+    ],
+)
 def test_matmul_matches_numpy(impl, dtype, x_shape):
     key = jax.random.key(len(x_shape))
     w = random_24(key, (64, 48), dtype)
