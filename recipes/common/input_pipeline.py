@@ -251,6 +251,15 @@ def create_datasets(config) -> Datasets:
                     info, augment, evaluate)
 
 
+def _multiprocessing_options(num_workers: int) -> grain.MultiprocessingOptions:
+    # grain reads absl flags in its workers; scripts that do not use absl never parse them.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain.MultiprocessingOptions(num_workers=num_workers)
+
+
 def train_iterator(datasets: Datasets, *, batch_size: int, seed: int, num_workers: int = 0,
                    process_index: int | None = None,
                    process_count: int | None = None) -> grain.DatasetIterator:
@@ -270,8 +279,7 @@ def train_iterator(datasets: Datasets, *, batch_size: int, seed: int, num_worker
                .batch(batch_size // process_count, drop_remainder=True))
     iterator_dataset = dataset.to_iter_dataset()
     if num_workers > 0:
-        iterator_dataset = iterator_dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers))
+        iterator_dataset = iterator_dataset.mp_prefetch(_multiprocessing_options(num_workers))
     return iter(iterator_dataset)
 
 
@@ -294,7 +302,7 @@ def eval_batches(datasets: Datasets, *, batch_size: int, num_workers: int = 0,
     dataset = eval_dataset[process_index::process_count].map(datasets.eval_transform)
     dataset = dataset.batch(local_batch, drop_remainder=False).to_iter_dataset()
     if num_workers > 0:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        dataset = dataset.mp_prefetch(_multiprocessing_options(num_workers))
     image_shape = datasets.info.image_shape
     iterator = iter(dataset)
     for _ in range(num_batches):
