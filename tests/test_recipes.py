@@ -437,7 +437,7 @@ def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
     write_jpeg_tree(data_dir)
     workdir = str(tmp_path / "run")
     results = cli.main("resnet50", "test", "", argv=[
-        "--smoke", "--data-dir", data_dir, "--workdir", workdir, "--batch-size", "8",
+        "--smoke", "--data-dir", data_dir, "--workdir", workdir, "--batch-size", "8", "--no-control",
         "--devices", "1"])
     out = capsys.readouterr().out
     assert "| resnet50 |" in out and "one-shot" in out

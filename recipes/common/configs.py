@@ -101,8 +101,8 @@ def builtin_config() -> Config:
         learning_rate_per_256=0.4,  # lr 0.1 for a batch of 64
         weight_decay=5e-4,
         num_epochs=12.0,
-        lr_step_epochs=4.0,
-        warmup_epochs=0.0,
+        lr_step_epochs=5.0,  # lr 0.1 until epoch 5, 0.01 until 10, then 0.001
+        warmup_epochs=1.0,
         eval_batch_size=500,
         log_every_steps=25,
         eval_every_steps=-1,

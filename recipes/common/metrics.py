@@ -10,14 +10,20 @@ PHASE_COLORS = {"dense": "tab:blue", "retrain": "tab:red", "control": "tab:gray"
 
 
 class MetricsLog:
-    """Appends records ``{"phase", "step", "split", "loss", "metric", ...}`` to a JSONL file."""
+    """Appends records ``{"phase", "step", "split", "loss", "metric", ...}`` to a JSONL file.
+
+    Only process 0 writes, so that a multi-host run keeps one copy of each record.
+    """
 
     def __init__(self, path: str):
+        import jax
+
         self.path = path
+        self.writer = jax.process_index() == 0
 
     def truncate(self, phase: str, after_step: int, later_phases: tuple[str, ...] = ()) -> None:
         """Drops records a resumed run will log again: ``phase`` beyond ``after_step``, later phases."""
-        if not os.path.exists(self.path):
+        if not self.writer or not os.path.exists(self.path):
             return
         kept = [r for r in self.read()
                 if not ((r["phase"] == phase and r["step"] > after_step) or r["phase"] in later_phases)]
@@ -25,6 +31,8 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
