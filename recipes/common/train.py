@@ -295,7 +295,7 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx: optax.Gradien
     started = time.time() - progress["seconds"]
     pending: list[dict[str, jax.Array]] = []
     bar = _progress_bar(total_steps, step, phase, config.progress_bar)
-    last_eval = None
+    last_eval, last_train = None, {}
 
     def save(step: int) -> None:
         progress.update(step=step, seconds=time.time() - started, data_state=iterator.get_state())
@@ -318,12 +318,14 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx: optax.Gradien
             lr = float(learning_rate_schedule(config, total_steps)(step - 1))
             wf.log.write({"phase": phase, "step": step, "split": "train", "loss": loss,
                           "metric": accuracy, "lr": lr, "epoch": step / steps_per_epoch})
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * accuracy:.1f}%",
-                            **({"eval": f"{100 * last_eval:.2f}%"} if last_eval is not None else {}))
+            last_train = {"loss": f"{loss:.3f}", "acc": f"{100 * accuracy:.1f}%"}
+            bar.set_postfix(**last_train, **({"eval": f"{100 * last_eval:.2f}%"}
+                                              if last_eval is not None else {}))
         if step % eval_every == 0 or step == total_steps:
             result = evaluate(wf.eval_step, state["params"], state["batch_stats"], wf.datasets,
                               config, wf.mesh)
             last_eval = result["top1"]
+            bar.set_postfix(**last_train, eval=f"{100 * last_eval:.2f}%")
             wf.log.write({"phase": phase, "step": step, "split": "eval", "loss": result["loss"],
                           "metric": result["top1"], "top5": result["top5"],
                           "epoch": step / steps_per_epoch})
