@@ -16,9 +16,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-STATE_ITEMS = ("params", "batch_stats", "opt_state", "masks")
-
-
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -36,7 +33,7 @@ class PhaseCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict[str, Any], progress: dict[str, Any]) -> None:
-        """Saves ``state`` (a dict with some of STATE_ITEMS) and the JSON ``progress``."""
+        """Saves ``state`` (a dict of params, batch_stats, opt_state and optionally masks) and the JSON ``progress``."""
         items = {name: ocp.args.StandardSave(value) for name, value in state.items()
                  if value is not None}
         items["progress"] = ocp.args.JsonSave(progress)
