@@ -6,6 +6,8 @@ deterministic for a given seed and its position is a small JSON-able dict
 (``iterator.get_state()``), saved with each checkpoint so that a resumed run sees the same
 batches as an uninterrupted one.
 
+grain is imported where it is used, so that models and training steps work without it.
+
 Images leave the pipeline as uint8 NHWC batches; normalisation happens on the accelerator
 (``normalize_images``) so that host-to-device transfers stay 4x smaller.
 """
@@ -18,7 +20,6 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 
@@ -215,8 +216,8 @@ def random_shift_transform(record: dict[str, Any], rng: np.random.Generator, *,
 class Datasets:
     """Train and eval ``MapDataset``s of single records, plus what describes them."""
 
-    train: grain.MapDataset
-    eval: grain.MapDataset
+    train: "grain.MapDataset"
+    eval: "grain.MapDataset"
     info: DatasetInfo
     train_augment: Any  # (record, rng) -> record
     eval_transform: Any  # record -> record
@@ -225,6 +226,8 @@ class Datasets:
 def create_datasets(config) -> Datasets:
     """Builds the datasets that ``config.dataset`` names (``"imagenet"`` or ``"mnist_5k"``)."""
     import functools
+
+    import grain
 
     if config.dataset == "imagenet":
         if not config.data_dir:
@@ -253,6 +256,7 @@ def create_datasets(config) -> Datasets:
 
 def _multiprocessing_options(num_workers: int) -> grain.MultiprocessingOptions:
     # grain reads absl flags in its workers; scripts that do not use absl never parse them.
+    import grain
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
