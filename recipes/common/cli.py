@@ -8,7 +8,7 @@ import os
 import time
 import typing
 
-from recipes.common import configs
+from recipes.common import configs, model_configs
 
 
 def _parse_value(field: dataclasses.Field, text: str):
@@ -64,12 +64,12 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> configs.Config:
-    config = configs.imagenet_config() if args.data_dir else configs.builtin_config()
+    config = model_configs.base_config(model, imagenet=bool(args.data_dir))
     config = config.replace(model=model, data_dir=args.data_dir)
     if args.data_dir is not None:
         config = config.replace(control=False)
     if args.smoke:
-        config = configs.smoke_config(config)
+        config = model_configs.smoke_config(config)
     overrides = {"init_from": args.init_from, "batch_size": args.batch_size,
                  "num_epochs": args.epochs, "num_train_steps": args.steps,
                  "learning_rate_per_256": args.lr, "devices": args.devices,

@@ -28,6 +28,7 @@ class Config:
     data_dir: str | None = None
     image_size: int = 224
     eval_resize_size: int = 256
+    preprocessing: str = "torchvision"  # or "inception": mean = std = 0.5, bicubic (Xception)
     random_shift: int = 2  # mnist_5k augmentation
     num_workers: int = 8  # grain worker processes per host (0: in the main process)
 

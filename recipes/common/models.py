@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from recipes.common import grouped_conv
+
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -126,8 +128,10 @@ class ResNet(nnx.Module):
                  dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        # grouped_conv: the same convolutions, without XLA:CPU's slow grouped kernel gradient.
         conv = functools.partial(nnx.Conv, use_bias=False, kernel_init=_conv_init, dtype=dtype,
-                                 param_dtype=jnp.float32)
+                                 param_dtype=jnp.float32,
+                                 conv_general_dilated=grouped_conv.conv_general_dilated)
         # torch BatchNorm2d(momentum=0.1, eps=1e-5); flax's momentum is the running average's decay.
         norm = functools.partial(nnx.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype,
                                  param_dtype=jnp.float32)

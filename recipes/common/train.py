@@ -57,6 +57,10 @@ class Interrupted(RuntimeError):
 
 def create_model(config: Config, info: input_pipeline.DatasetInfo, seed: int | None = None) -> nnx.Module:
     """The NNX model ``config.model`` names, for the dataset's classes and channels."""
+    if config.model == "xception":
+        from recipes.common import xception
+
+        return xception.create_model(config, info, seed)
     if config.model not in models.MODELS:
         raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(models.MODELS)}")
     constructor = models.MODELS[config.model]  # functools.partial(ResNet, block, stages, ...)
