@@ -5,6 +5,7 @@ test in torch's NCHW/OIHW layouts, NumPy checks of the 2:4 pattern, an uninterru
 resumed one, a 1-device run for the 8-device one.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -438,7 +439,7 @@ def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     results = cli.main("resnet50", "test", "", argv=[
         "--smoke", "--data-dir", data_dir, "--workdir", workdir, "--batch-size", "8", "--no-control",
-        "--devices", "1"])
+        "--devices", "1", "--export-onnx", str(tmp_path / "model.onnx")])
     out = capsys.readouterr().out
     assert "| resnet50 |" in out and "one-shot" in out
     assert results["dataset"].startswith("imagefolder:") and results["eval_examples"] == 9
@@ -447,6 +448,14 @@ def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
     with open(os.path.join(workdir, "config.json")) as f:
         saved_config = json.load(f)
     assert saved_config["image_size"] == 32 and saved_config["dataset"] == "imagenet"
+    # --export-onnx: every pruned conv/linear is 2:4 where TensorRT looks; the stem (3 input
+    # channels) is the one dense weight.
+    if importlib.util.find_spec("jax2onnx") is not None:
+        from sparse_jax import inspect as sparse_inspect
+
+        checks = sparse_inspect.inspect_onnx(tmp_path / "model.onnx")
+        assert [c.shape[1] for c in checks if not c.is_24] == [3]
+        assert {c.op for c in checks if c.is_24} == {"Conv", "Gemm"}
 
 
 @pytest.mark.slow

@@ -57,6 +57,9 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
                         "code path (all phases, checkpoints, plot) in well under a minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
+                        "to ONNX (eval mode, float32 NHWC input) for TensorRT; needs the export "
+                        "extra (see README); check it with sparse-jax-inspect PATH")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any config field, e.g. --set weight_decay=5e-5 "
                         "--set compute_dtype=float32 (see recipes/common/configs.py)")
@@ -73,7 +76,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> configs.Config:
     overrides = {"init_from": args.init_from, "batch_size": args.batch_size,
                  "num_epochs": args.epochs, "num_train_steps": args.steps,
                  "learning_rate_per_256": args.lr, "devices": args.devices,
-                 "num_workers": args.workers, "control": args.control}
+                 "num_workers": args.workers, "control": args.control,
+                 "export_onnx": args.export_onnx}
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.distributed:
         config = config.replace(distributed=True)

@@ -61,6 +61,7 @@ class Config:
     devices: int = -1  # -1: all local devices
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     progress_bar: bool = True
+    export_onnx: str | None = None  # write the final sparse model as ONNX (eval mode, float32)
     interrupt_after_steps: int = -1  # testing: stop the process after this many total steps
 
     @property

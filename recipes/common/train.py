@@ -502,6 +502,10 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                             f"{config.model} on {info.name}: dense -> 2:4 prune -> retrain")
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+    if config.export_onnx and jax.process_index() == 0:
+        export_onnx(config, info, final_params, sparse_state["batch_stats"], config.export_onnx)
+        wf.print(f"[export] final {config.sparsity_n}:{config.sparsity_m} model -> "
+                 f"{config.export_onnx} (check: sparse-jax-inspect {config.export_onnx})")
     wf.print("")
     wf.print(report_summary(report, os.path.join(workdir, "sparsity_report.txt")))
     wf.print("")
@@ -509,6 +513,19 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     wf.print(f"\nwrote {workdir}/results.json, metrics.jsonl, curves.png, sparsity_report.txt, "
              f"checkpoints/ (sparse model: checkpoints/retrain/{steps})")
     return results
+
+
+def export_onnx(config: Config, info: input_pipeline.DatasetInfo, params, batch_stats,
+                path: str) -> None:
+    """Writes the model with ``params`` to ONNX: eval mode, float32, normalized NHWC input."""
+    import sparse_jax.export  # needs the export extra (jax2onnx)
+
+    # Exported in float32: TensorRT picks its own precision (--fp16), onnxruntime runs it as is.
+    graphdef, _, _ = nnx.split(create_model(config.replace(compute_dtype="float32"), info),
+                               nnx.Param, nnx.BatchStat)
+    model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(batch_stats))
+    example = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+    sparse_jax.export.to_onnx(model, [example], path, input_names=["image"])
 
 
 def report_summary(report: sparse_jax.SparsityReport, table_path: str) -> str:
