@@ -1,0 +1,169 @@
+"""The built-in task: extractive question answering on Python's own documentation.
+
+The text is ``pydoc_data.topics`` (the language reference sections ``help()`` shows, shipped with
+CPython): prose paragraphs, with code blocks and headings removed.
+
+**How the questions are made (cloze questions, not human-written ones).** For a sentence of a
+paragraph, one content word (4+ letters, not a stop word, not the sentence's first word) is
+replaced by ``"what"``, and the question is that sentence, cut to at most ``QUESTION_WORDS``
+words on each side of the blank, with a ``"?"``. The answer is the removed word at its place in
+the paragraph (the context). E.g. from the ``for`` statement's paragraph: *"The first item
+provided by the what is then assigned to the target list?"* -> ``iterator``. The model must find
+the sentence in the context that matches the question and point at the word missing from it; it
+cannot answer from the question alone. SQuAD questions are paraphrased and need more reading,
+so the F1 here is not comparable with SQuAD's.
+
+Train and held-out questions come from different topics (every ``EVAL_EVERY``-th topic is
+held out), so the held-out paragraphs are never seen in fine-tuning. The WordPiece vocabulary and
+the masked-LM pre-training use the text of the training topics only.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from recipes.common.squad import Answer, Example
+
+EVAL_EVERY = 6
+QUESTION_WORDS = 8
+STOP_WORDS = frozenset("""
+about above after again against also among another because been before being below between both
+cannot could does doing down during each either else every from further have having here into
+itself just like more most much must neither never none only other otherwise over same should
+since some such than that their them then there these they this those through thus under until
+upon very were what when where whether which while will with within without would your
+""".split())
+
+
+def topic_paragraphs() -> dict[str, list[str]]:
+    """``{topic: [paragraph, ...]}``: prose of ``pydoc_data.topics``, one line per paragraph."""
+    from pydoc_data.topics import topics
+
+    result = {}
+    for name in sorted(topics):
+        paragraphs = []
+        for block in re.split(r"\n\s*\n", topics[name]):
+            lines = block.split("\n")
+            # Code, grammar and tables are indented; headings are underlined with * = - ~.
+            if any(line.startswith("   ") for line in lines):
+                continue
+            lines = [line for line in lines if not re.fullmatch(r"[*=\-~^]{3,}\s*", line)]
+            text = " ".join(" ".join(lines).split())
+            if len(text.split()) >= 12 and not text.endswith(":"):
+                paragraphs.append(text)
+        if paragraphs:
+            result[name] = paragraphs
+    return result
+
+
+def split_topics(paragraphs: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    names = sorted(paragraphs)
+    held_out = [n for i, n in enumerate(names) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    return [n for n in names if n not in held_out], held_out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
+_WORD = re.compile(r"\S+")
+
+
+def cloze_examples(topic: str, paragraphs: list[str], rng: np.random.Generator,
+                   per_sentence: int = 1) -> list[Example]:
+    """Cloze questions (see the module docstring) for every usable sentence of ``paragraphs``."""
+    examples = []
+    for p_index, context in enumerate(paragraphs):
+        sentence_start = 0
+        for sentence in _SENTENCE_END.split(context):
+            offset = context.index(sentence, sentence_start)
+            sentence_start = offset + len(sentence)
+            words = [(m.start(), m.group()) for m in _WORD.finditer(sentence)]
+            if len(words) < 6:
+                continue
+            candidates = [i for i, (_, w) in enumerate(words[1:], 1)
+                          if re.fullmatch(r"[A-Za-z]{4,}", w) and w.lower() not in STOP_WORDS]
+            if not candidates:
+                continue
+            chosen = rng.choice(candidates, size=min(per_sentence, len(candidates)), replace=False)
+            for k, i in enumerate(sorted(int(c) for c in chosen)):
+                left = [w for _, w in words[max(0, i - QUESTION_WORDS):i]]
+                right = [w for _, w in words[i + 1:i + 1 + QUESTION_WORDS]]
+                question = " ".join(left + ["what"] + right).rstrip(".,;:!?") + "?"
+                start, answer = offset + words[i][0], words[i][1]
+                examples.append(Example(f"{topic}-{p_index}-{start}-{k}", question, context,
+                                        (Answer(answer, start),)))
+    return examples
+
+
+def builtin_task(seed: int = 0, max_eval_questions: int = 500):
+    """``(train examples, held-out examples, pre-training text lines)`` of the built-in task."""
+    paragraphs = topic_paragraphs()
+    train_topics, eval_topics = split_topics(paragraphs)
+    # Some paragraphs appear under several topics: keep the held-out ones unseen in training.
+    seen = {p for t in train_topics for p in paragraphs[t]}
+    held_paragraphs = {t: [p for p in paragraphs[t] if p not in seen] for t in eval_topics}
+    rng = np.random.default_rng(seed)
+    train = [e for t in train_topics for e in cloze_examples(t, paragraphs[t], rng, per_sentence=3)]
+    held_out = [e for t in eval_topics
+                for e in cloze_examples(t, held_paragraphs[t], rng, per_sentence=3)]
+    if max_eval_questions > 0 and len(held_out) > max_eval_questions:
+        keep = np.sort(np.random.default_rng(seed + 1).choice(len(held_out), max_eval_questions,
+                                                              replace=False))
+        held_out = [held_out[i] for i in keep]
+    text = [p for t in train_topics for p in paragraphs[t]]
+    return train, held_out, text
+
+
+def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -> str:
+    """Trains a lower-cased BERT WordPiece vocabulary on ``lines``; writes ``path`` (vocab.txt)."""
+    import os
+
+    from tokenizers import BertWordPieceTokenizer
+
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    tokenizer.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    written = tokenizer.save_model(directory)
+    if os.path.abspath(written[0]) != os.path.abspath(path):
+        os.replace(written[0], path)
+    return path
+
+
+def mlm_sequences(lines: list[str], tokenizer, max_seq_length: int) -> np.ndarray:
+    """The text as consecutive ``[CLS] tokens [SEP]`` rows of ``max_seq_length`` (padded)."""
+    cls_id, sep_id, pad_id = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    ids = [i for enc in tokenizer.encode_batch(lines, add_special_tokens=False) for i in enc.ids]
+    body = max_seq_length - 2
+    rows = []
+    for start in range(0, len(ids), body):
+        chunk = [cls_id, *ids[start:start + body], sep_id]
+        rows.append(chunk + [pad_id] * (max_seq_length - len(chunk)))
+    return np.asarray(rows, np.int32)
+
+
+def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mask_id: int,
+                special_ids: tuple[int, ...], pad_id: int, max_predictions: int,
+                mask_rate: float = 0.15) -> dict[str, np.ndarray]:
+    """BERT's masking: 15% of the tokens are predicted; of those 80% become [MASK], 10% a random
+    token, 10% stay. Returns model inputs, ``masked_positions``, ``masked_ids``, ``masked_weights``."""
+    batch, length = rows.shape
+    input_ids = rows.copy()
+    positions = np.zeros((batch, max_predictions), np.int32)
+    targets = np.zeros((batch, max_predictions), np.int32)
+    weights = np.zeros((batch, max_predictions), np.float32)
+    for b in range(batch):
+        candidates = np.flatnonzero(~np.isin(rows[b], special_ids))
+        count = min(max_predictions, max(1, int(round(len(candidates) * mask_rate))))
+        chosen = np.sort(rng.choice(candidates, size=min(count, len(candidates)), replace=False))
+        for k, t in enumerate(chosen):
+            positions[b, k], targets[b, k], weights[b, k] = t, rows[b, t], 1.0
+            draw = rng.random()
+            if draw < 0.8:
+                input_ids[b, t] = mask_id
+            elif draw < 0.9:
+                input_ids[b, t] = rng.integers(len(special_ids), vocab_size)
+    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(rows),
+            "attention_mask": (rows != pad_id).astype(np.int32), "masked_positions": positions,
+            "masked_ids": targets, "masked_weights": weights}
