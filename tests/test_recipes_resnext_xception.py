@@ -389,12 +389,8 @@ def test_xception_timm_import_rejects_wrong_shapes_and_keys():
         weights_timm.import_timm_state_dict(model, missing)
 
 
-def test_xception_logits_equal_timm_for_same_random_weights():
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    name = "legacy_xception" if "legacy_xception" in timm.list_models() else "xception"
-    torch.manual_seed(0)
-    reference = timm.create_model(name, pretrained=False, num_classes=10).eval()
+def assert_same_logits_as_torch(torch, reference, model, import_state_dict, image_size):
+    """Gives ``reference`` random batch-norm statistics, imports its weights, compares logits."""
     with torch.no_grad():
         for module in reference.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -402,15 +398,23 @@ def test_xception_logits_equal_timm_for_same_random_weights():
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.3, 0.3)
-    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
-    model = nnx.jit(lambda: xception.Xception(num_classes=10, rngs=nnx.Rngs(0)))()
-    weights_timm.import_timm_state_dict(model, state_dict)
-    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    import_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    x = np.random.default_rng(0).standard_normal((2, 3, image_size, image_size)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
     with jax.default_matmul_precision("highest"):
         ours = model(jnp.asarray(x.transpose(0, 2, 3, 1)), train=False)
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_xception_logits_equal_timm_for_same_random_weights():
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    name = "legacy_xception" if "legacy_xception" in timm.list_models() else "xception"
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    model = nnx.jit(lambda: xception.Xception(num_classes=10, rngs=nnx.Rngs(0)))()
+    assert_same_logits_as_torch(torch, reference, model, weights_timm.import_timm_state_dict, 96)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,22 +507,8 @@ def test_resnext_logits_equal_torchvision_for_same_random_weights():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     reference = torchvision.models.resnext101_32x8d(num_classes=10).eval()
-    with torch.no_grad():
-        for module in reference.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.3)
-    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
     model = nnx.jit(lambda: models.ResNeXt101_32x8d(num_classes=10, rngs=nnx.Rngs(0)))()
-    weights.import_torchvision_state_dict(model, state_dict)
-    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(x)).numpy()
-    with jax.default_matmul_precision("highest"):
-        ours = model(jnp.asarray(x.transpose(0, 2, 3, 1)), train=False)
-    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-3, atol=1e-3)
+    assert_same_logits_as_torch(torch, reference, model, weights.import_torchvision_state_dict, 64)
 
 
 # ---------------------------------------------------------------------------------------------

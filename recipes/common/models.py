@@ -26,7 +26,7 @@ from recipes.common import grouped_conv
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _torch_linear_init(fan_in: int):
+def torch_linear_init(fan_in: int):
     """torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
     bound = 1.0 / fan_in**0.5
 
@@ -157,8 +157,8 @@ class ResNet(nnx.Module):
             stages.append(nnx.List(blocks))
         # torchvision's attribute names, so that weight keys map one to one.
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nnx.Linear(in_features, num_classes, kernel_init=_torch_linear_init(in_features),
-                             bias_init=_torch_linear_init(in_features), dtype=dtype,
+        self.fc = nnx.Linear(in_features, num_classes, kernel_init=torch_linear_init(in_features),
+                             bias_init=torch_linear_init(in_features), dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, x, train: bool = False):

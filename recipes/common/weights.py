@@ -18,7 +18,7 @@ torchvision key                            torch layout                NNX (Flax
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flax import nnx
@@ -41,8 +41,8 @@ def _torch_key(nnx_path: tuple[Any, ...]) -> str:
     return ".".join(parts + [_NNX_TO_TORCH_LEAF[nnx_path[-1]]])
 
 
-def _torch_to_flax_layout(name: str, value: np.ndarray, target_ndim: int) -> np.ndarray:
-    if target_ndim == 4 and value.ndim == 4:  # conv (out, in, kh, kw) -> (kh, kw, in, out)
+def _torch_to_flax_layout(value: np.ndarray, target_ndim: int) -> np.ndarray:
+    if target_ndim == 4 and value.ndim == 4:  # conv (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
         return np.transpose(value, (2, 3, 1, 0))
     if target_ndim == 2 and value.ndim == 2:  # linear (out, in) -> (in, out)
         return value.T
@@ -56,29 +56,36 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
     return load_file(path)
 
 
-def import_torchvision_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> None:
-    """Copies a torchvision ResNet state dict into ``model`` in place (params and batch stats).
+def import_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray],
+                      key_of: Callable[[tuple[Any, ...]], str], source: str) -> None:
+    """Copies a PyTorch-layout state dict into ``model`` in place (params and batch stats).
+
+    Args:
+        model: the NNX model to fill.
+        state_dict: torch-layout arrays by key (``num_batches_tracked`` entries are ignored).
+        key_of: the state-dict key of an NNX leaf path.
+        source: whose names these are, for error messages ("torchvision", "timm").
 
     Raises:
         ValueError: a key is missing or unexpected, or a shape does not match; the message names
-            the torchvision key, the NNX path and both shapes.
+            the key, the NNX path and both shapes.
     """
     state = nnx.state(model, _WEIGHTS)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    expected_keys = {_torch_key(path): path for path in flat}
+    expected_keys = {key_of(path): path for path in flat}
     given = {k for k in state_dict if not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected_keys) - given)
     unexpected = sorted(given - set(expected_keys))
     if missing or unexpected:
-        raise ValueError(f"state dict does not match the model: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"{source} state dict does not match the {type(model).__name__} model: "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     new_flat = {}
     for key, path in expected_keys.items():
         target = flat[path]
-        value = _torch_to_flax_layout(key, np.asarray(state_dict[key]), target.ndim)
+        value = _torch_to_flax_layout(np.asarray(state_dict[key]), target.ndim)
         if value.shape != target.shape:
-            raise ValueError(f"{key}: torch shape {tuple(np.shape(state_dict[key]))} gives "
+            raise ValueError(f"{key}: {source} shape {tuple(np.shape(state_dict[key]))} gives "
                              f"{value.shape} for {'/'.join(map(str, path))}, which expects "
                              f"{tuple(target.shape)}")
         new_flat[path] = np.asarray(value, dtype=target.dtype)
@@ -86,8 +93,9 @@ def import_torchvision_state_dict(model: nnx.Module, state_dict: dict[str, np.nd
     nnx.update(model, state)
 
 
-def export_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The inverse of `import_torchvision_state_dict` (torch layouts, torchvision names)."""
+def export_state_dict(model: nnx.Module,
+                      key_of: Callable[[tuple[Any, ...]], str]) -> dict[str, np.ndarray]:
+    """The inverse of `import_state_dict`: torch layouts under ``key_of``'s names."""
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, _WEIGHTS)))
     out = {}
     for path, value in flat.items():
@@ -96,10 +104,20 @@ def export_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
             value = np.transpose(value, (3, 2, 0, 1))
         elif value.ndim == 2:
             value = value.T
-        out[_torch_key(path)] = np.ascontiguousarray(value)
+        out[key_of(path)] = np.ascontiguousarray(value)
         if path[-1] == "var":
-            out[_torch_key(path).replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
+            out[key_of(path).replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
     return out
+
+
+def import_torchvision_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> None:
+    """Copies a torchvision ResNet state dict into ``model`` in place (see `import_state_dict`)."""
+    import_state_dict(model, state_dict, _torch_key, "torchvision")
+
+
+def export_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The inverse of `import_torchvision_state_dict` (torch layouts, torchvision names)."""
+    return export_state_dict(model, _torch_key)
 
 
 def init_model_from(model: nnx.Module, source: str) -> str:

@@ -31,11 +31,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flax import nnx, traverse_util
 
-from recipes.common import xception
+from recipes.common import weights, xception
 
-_WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 _LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
                "var": "running_var"}
 _TOP_LEVEL = {"entry_conv1": "conv1", "entry_bn1": "bn1", "entry_conv2": "conv2",
@@ -71,14 +69,6 @@ def timm_key(nnx_path: tuple[Any, ...]) -> str:
     return ".".join(parts + [_LEAF_NAMES[leaf]])
 
 
-def _to_flax_layout(value: np.ndarray, target_ndim: int) -> np.ndarray:
-    if target_ndim == 4 and value.ndim == 4:  # (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
-        return np.transpose(value, (2, 3, 1, 0))
-    if target_ndim == 2 and value.ndim == 2:  # (out, in) -> (in, out)
-        return value.T
-    return value
-
-
 def import_timm_state_dict(model: xception.Xception, state_dict: dict[str, np.ndarray]) -> None:
     """Copies a timm ``legacy_xception`` state dict into ``model`` in place.
 
@@ -86,56 +76,9 @@ def import_timm_state_dict(model: xception.Xception, state_dict: dict[str, np.nd
         ValueError: a key is missing or unexpected, or a shape does not match; the message names
             the timm key, the NNX path and both shapes.
     """
-    state = nnx.state(model, _WEIGHTS)
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    expected = {timm_key(path): path for path in flat}
-    given = {key for key in state_dict if not key.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - given)
-    unexpected = sorted(given - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the Xception model: missing keys "
-                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected keys "
-                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    new_flat = {}
-    for key, path in expected.items():
-        target = flat[path]
-        value = _to_flax_layout(np.asarray(state_dict[key]), target.ndim)
-        if value.shape != target.shape:
-            raise ValueError(f"{key}: timm shape {tuple(np.shape(state_dict[key]))} gives "
-                             f"{value.shape} for {'/'.join(map(str, path))}, which expects "
-                             f"{tuple(target.shape)}")
-        new_flat[path] = np.asarray(value, dtype=target.dtype)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new_flat))
-    nnx.update(model, state)
+    weights.import_state_dict(model, state_dict, timm_key, "timm")
 
 
 def export_timm_state_dict(model: xception.Xception) -> dict[str, np.ndarray]:
     """The inverse of `import_timm_state_dict`: torch layouts under timm's key names."""
-    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, _WEIGHTS)))
-    out = {}
-    for path, value in flat.items():
-        value = np.asarray(value)
-        if value.ndim == 4:
-            value = np.transpose(value, (3, 2, 0, 1))
-        elif value.ndim == 2:
-            value = value.T
-        out[timm_key(path)] = np.ascontiguousarray(value)
-        if path[-1] == "var":
-            out[timm_key(path).replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
-    return out
-
-
-def init_xception_from(model: xception.Xception, source: str) -> str:
-    """Loads dense Xception weights: a timm-name ``.safetensors`` file or a recipe checkpoint.
-
-    Returns:
-        A description of what was loaded.
-    """
-    if source.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        import_timm_state_dict(model, load_file(source))
-        return f"timm legacy_xception weights {source}"
-    from recipes.common import weights
-
-    return weights.init_model_from(model, source)  # an orbax checkpoint written by a recipe
+    return weights.export_state_dict(model, timm_key)

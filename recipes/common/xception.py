@@ -57,16 +57,6 @@ def scaled_channels(channels: int, width_multiplier: float, divisor: int = 8) ->
     return rounded
 
 
-def _torch_linear_init(fan_in: int):
-    """torch.nn.Linear's default initialiser: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in**0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 class SeparableConv(nnx.Module):
     """Depthwise 3x3 convolution (one filter per input channel), then a pointwise 1x1 one."""
 
@@ -184,8 +174,8 @@ class Xception(nnx.Module):
         self.exit_bn1 = norm(exit1, rngs=rngs)
         self.exit_separable2 = SeparableConv(exit1, exit2, conv=conv, rngs=rngs)
         self.exit_bn2 = norm(exit2, rngs=rngs)
-        self.fc = nnx.Linear(exit2, num_classes, kernel_init=_torch_linear_init(exit2),
-                             bias_init=_torch_linear_init(exit2), dtype=dtype,
+        self.fc = nnx.Linear(exit2, num_classes, kernel_init=models.torch_linear_init(exit2),
+                             bias_init=models.torch_linear_init(exit2), dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)
 
     @property
