@@ -28,6 +28,43 @@ _INSTALL_HINT = (
 )
 
 
+# Reductions whose axes are an attribute before opset 18 (ReduceSum moved to an input at 13).
+_AXES_ATTRIBUTE_BEFORE_18 = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSumSquare"})
+
+
+def _reduce_axes_to_attributes(model: Any, opset: int) -> None:
+    """Moves constant ``axes`` inputs of reductions to attributes where ``opset`` wants them.
+
+    jax2onnx 0.17 writes ``ReduceMean(x, axes)`` (the opset-18 form) at any opset; onnxruntime
+    and TensorRT reject that graph at opset 17.
+    """
+    if opset >= 18:
+        return
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in graph.node:
+        if node.op_type not in _AXES_ATTRIBUTE_BEFORE_18 or len(node.input) < 2:
+            continue
+        axes_name = node.input[1]
+        if axes_name not in constants:
+            raise ValueError(f"{node.op_type} node {node.name!r} has non-constant axes "
+                             f"{axes_name!r}; export with opset >= 18")
+        axes = [int(a) for a in constants[axes_name].reshape(-1)]
+        del node.input[1:]
+        node.attribute.append(helper.make_attribute("axes", axes))
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
 def _eval_copy(model: Any) -> Any:
     """A copy of an NNX module switched to eval mode; other callables unchanged."""
     from flax import nnx
@@ -78,6 +115,11 @@ def to_onnx(
     leaked = [t.name for t in model.graph.initializer if t.name in graph_inputs]
     if leaked:
         raise RuntimeError(f"weights exported as graph inputs: {leaked[:5]}")
+    _reduce_axes_to_attributes(model, opset)
+    # jax2onnx 0.17 records some intermediate shapes in NHWC where the graph computes NCHW;
+    # value_info is optional, so drop it rather than hand TensorRT wrong shapes.
+    del model.graph.value_info[:]
+    onnx.checker.check_model(model)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

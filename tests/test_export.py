@@ -170,3 +170,23 @@ def test_inspector_on_checkpoints(tmp_path):
 def test_console_script_is_declared():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("sparse-jax-inspect") == "sparse_jax.inspect:main"
+
+
+def test_recipe_resnet_exports_a_graph_onnxruntime_runs(tmp_path):
+    # The recipes' models end in a global mean: jax2onnx 0.17 writes ReduceMean's axes as an
+    # input, which opset 17 does not allow; to_onnx must turn them back into an attribute.
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from recipes.common import models
+
+    model = models.ResNet(models.Bottleneck, (1, 1, 1, 1), groups=2, width_per_group=64,
+                          num_filters=8, num_classes=10, rngs=models.init_rngs(0))
+    prune_model(model)
+    x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+    proto = sparse_jax.export.to_onnx(model, [x], tmp_path / "resnet.onnx", opset=17)
+    assert all(len(n.input) == 1 for n in proto.graph.node if n.op_type == "ReduceMean")
+    with jax.default_matmul_precision("highest"):
+        want = model(x, train=False)
+    np.testing.assert_allclose(run_onnx(proto, x), np.asarray(want), rtol=1e-4, atol=1e-5)

@@ -613,3 +613,29 @@ def test_resnext_smoke_cli_end_to_end(tmp_path, capsys):
     assert "not a multiple of 4" in lines["layer2/0/conv2/kernel"]
     for path, shape in (("layer3/0/conv2/kernel", "3x3x4x128"), ("layer4/0/conv2/kernel", "3x3x8x256")):
         assert lines[path].split()[1:4] == [shape, "2", "pruned"], lines[path]
+
+
+@pytest.mark.slow
+def test_pruned_xception_exports_to_onnx_with_depthwise_convs_dense(tmp_path):
+    pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import sparse_jax.export
+    from sparse_jax import inspect as sparse_inspect
+
+    model = xception.Xception(num_classes=10, width_multiplier=0.25, middle_blocks=1,
+                              rngs=nnx.Rngs(0))
+    params, _ = sparse_jax.prune(nnx.state(model, nnx.Param))
+    nnx.update(model, params)
+    x = jax.random.normal(jax.random.key(1), (2, 71, 71, 3))
+    proto = sparse_jax.export.to_onnx(model, [x], tmp_path / "xception.onnx")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: np.asarray(x)})[0]
+    with jax.default_matmul_precision("highest"):
+        want = model(x, train=False)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+    checks = sparse_inspect.inspect_onnx(tmp_path / "xception.onnx")
+    # KCRS weights: only the depthwise convs (C = 1) and the 3-channel stem are not 2:4 on C.
+    assert {c.shape[1] for c in checks if not c.is_24} == {1, 3}
+    depthwise = [c for c in checks if c.op == "Conv" and c.shape[1] == 1]
+    assert len(depthwise) == sum(1 for path, _ in xception.layer_shapes(model)
+                                 if path.endswith("depthwise/kernel"))

@@ -36,6 +36,16 @@ def torch_linear_init(fan_in: int):
     return init
 
 
+def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+    """torch's ``MaxPool2d(3, stride, padding=1)`` on NHWC: the padding counts as -inf.
+
+    Explicit pad + "VALID" pooling (not ``padding=((1, 1), (1, 1))``) so that the jax2onnx
+    exporter can translate it.
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(stride, stride), padding="VALID")
+
+
 class Downsample(nnx.Module):
     """The projection shortcut: torchvision's ``downsample = Sequential(conv1x1, bn)``."""
 
@@ -165,10 +175,7 @@ class ResNet(nnx.Module):
         """Maps NHWC images to float32 logits; ``train`` uses and updates batch statistics."""
         x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
         if self.stem == "imagenet":
-            # torch's MaxPool2d(3, 2, padding=1) pads with -inf. Explicit pad + "VALID" pooling
-            # (not padding=((1, 1), (1, 1))) so that the jax2onnx exporter can translate it.
-            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-            x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+            x = max_pool_3x3(x, stride=2)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x, train)

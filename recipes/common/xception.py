@@ -116,9 +116,7 @@ class XceptionBlock(nnx.Module):
                 y = nnx.relu(y)
             y = norm(separable(y), use_running_average=not train)
         if self.stride != 1:
-            # Max-pooling pads with -inf, like torch's MaxPool2d(3, stride, padding=1).
-            y = nnx.max_pool(y, (3, 3), strides=(self.stride, self.stride),
-                             padding=((1, 1), (1, 1)))
+            y = models.max_pool_3x3(y, self.stride)
         shortcut = x if self.skip is None else self.skip_bn(self.skip(x),
                                                              use_running_average=not train)
         return y + shortcut
