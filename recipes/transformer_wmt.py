@@ -2,10 +2,10 @@
 
 With no argument, runs the whole workflow on a built-in task that needs no download: English
 sentences of the Python documentation shipped with Python (``pydoc_data.topics``), "translated"
-into a made-up target language (adjacent word pairs swapped, letters ROT13-enciphered), with a
-base-shaped Transformer scaled down (2+2 layers, d_model 128) to finish in minutes on a CPU. It
-is a deterministic transform of English, not German: its BLEU only compares dense, one-shot 2:4
-and retrained 2:4 models with each other. With ``--data-dir``, runs the real WMT14 English-German
+into a made-up target language: the same sentences with every letter ROT13-enciphered
+("Hello, world!" -> "Uryyb, jbeyq!"), with a base-shaped Transformer scaled down (2+2 layers,
+d_model 128) to finish in minutes on a CPU. It is a letter cipher of English, not German: its
+BLEU only compares the dense, one-shot 2:4 and retrained 2:4 models with each other. With ``--data-dir``, runs the real WMT14 English-German
 recipe (Table 2 of NVIDIA's "Accelerating Sparse Deep Neural Networks": BLEU 28.2 dense, 28.5
 2:4 sparse).
 """

@@ -211,7 +211,8 @@ def test_hf_import_round_trips_and_gives_the_reference_logits(tmp_path):
         np.testing.assert_array_equal(back[name], state[name], err_msg=name)
 
     ids, types, mask = _inputs(config)
-    start, end = nnx.merge(graphdef, params)(ids, types, mask)
+    forward = jax.jit(lambda p, *inputs: nnx.merge(graphdef, p)(*inputs))  # one compile
+    start, end = forward(params, ids, types, mask)
     ref_start, ref_end = numpy_bert_qa(state, config, ids, types, mask)
     valid = mask > 0
     np.testing.assert_allclose(np.asarray(start)[valid], ref_start[valid], atol=2e-4, rtol=1e-4)
@@ -461,14 +462,15 @@ def _smoke(workdir, *extra):
     sys.path.insert(0, os.path.join(REPO, "recipes"))
     import bert_large_squad as entry
 
-    return entry.main(["--smoke", "--workdir", str(workdir), *extra])
+    # 2 of the 8 test devices: data parallel, and fast to compile.
+    return entry.main(["--smoke", "--devices", "2", "--workdir", str(workdir), *extra])
 
 
 def test_smoke_run_end_to_end(tmp_path):
     results = _smoke(tmp_path)
     assert results["exactly_nm_sparse"] is True
     assert results["steps"] == {"pretrain": 4, "dense": 4, "retrain": 4, "control": None}
-    assert results["devices"] == jax.device_count()
+    assert results["devices"] == 2
     for key in ("dense", "one_shot", "sparse"):
         assert 0.0 <= results[key] <= 100.0
     on_disk = json.loads((tmp_path / "results.json").read_text())

@@ -328,9 +328,10 @@ def test_pruned_projections_are_2_4_along_their_input_dimension():
 
 
 def test_builtin_target_language_by_hand():
-    # Pairs swapped: "quick the fox brown jumps"; then ROT13 (a<->n, b<->o, ...).
-    assert td.to_target_language("the quick brown fox jumps") == "dhvpx gur sbk oebja whzcf"
-    assert td.to_target_language("Hello, world!") == "jbeyq! Uryyb,"
+    # ROT13: each letter moves 13 places (a<->n, b<->o, ...); everything else stays.
+    assert td.to_target_language("the quick brown fox jumps") == "gur dhvpx oebja sbk whzcf"
+    assert td.to_target_language("Hello, world! 42") == "Uryyb, jbeyq! 42"
+    assert td.to_target_language(td.to_target_language("Zebra ‘x’")) == "Zebra ‘x’"
 
 
 def test_builtin_corpus_splits_are_disjoint_and_real_text():
@@ -407,7 +408,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     report = (workdir / "sparsity_report.txt").read_text()
     assert "embed_tokens/embedding" in report and "every pruned leaf 2:4: yes" in report
     printed = capsys.readouterr().out
-    assert "| transformer_wmt | pydoc_rot13_swap |" in printed
+    assert "| transformer_wmt | pydoc_rot13 |" in printed
     assert "kept dense: embed_tokens/embedding" in printed and "tied output projection" in printed
 
 

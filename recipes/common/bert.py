@@ -41,6 +41,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1  # hidden_dropout_prob
     attention_dropout: float = 0.1  # attention_probs_dropout_prob
+    initializer_range: float = 0.02  # std of the normal initialisation of kernels and tables
 
     def replace(self, **changes: Any) -> "BertConfig":
         return dataclasses.replace(self, **changes)
@@ -63,7 +64,8 @@ class BertConfig:
                    type_vocab_size=hf.get("type_vocab_size", 2),
                    layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                    hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-                   attention_dropout=hf.get("attention_probs_dropout_prob", 0.1))
+                   attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                   initializer_range=hf.get("initializer_range", 0.02))
 
     def to_hf_json(self) -> dict[str, Any]:
         return {"model_type": "bert", "architectures": ["BertForQuestionAnswering"],
@@ -73,7 +75,8 @@ class BertConfig:
                 "max_position_embeddings": self.max_position_embeddings,
                 "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
                 "hidden_dropout_prob": self.hidden_dropout,
-                "attention_probs_dropout_prob": self.attention_dropout}
+                "attention_probs_dropout_prob": self.attention_dropout,
+                "initializer_range": self.initializer_range}
 
 
 # Google's released sizes (BERT-Large/Base and the "well-read students" miniatures).
@@ -106,9 +109,9 @@ def _normal(stddev: float = 0.02):
 
 
 class _Linear(nnx.Linear):
-    def __init__(self, din: int, dout: int, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, din: int, dout: int, dtype: Any, rngs: nnx.Rngs, stddev: float = 0.02):
         super().__init__(din, dout, dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=_normal(), bias_init=nnx.initializers.zeros, rngs=rngs)
+                         kernel_init=_normal(stddev), bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 def _layer_norm(config: BertConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -134,7 +137,8 @@ def _fold(rng: jax.Array | None, *data: int) -> jax.Array | None:
 
 class Embeddings(nnx.Module):
     def __init__(self, config: BertConfig, dtype: Any, rngs: nnx.Rngs):
-        embed = lambda n: nnx.Embed(n, config.hidden_size, embedding_init=_normal(),
+        embed = lambda n: nnx.Embed(n, config.hidden_size,
+                                    embedding_init=_normal(config.initializer_range),
                                     param_dtype=jnp.float32, rngs=rngs)
         self.word_embeddings = embed(config.vocab_size)
         self.position_embeddings = embed(config.max_position_embeddings)
@@ -159,13 +163,13 @@ class EncoderLayer(nnx.Module):
         if h % config.num_heads:
             raise ValueError(f"hidden_size {h} is not a multiple of num_heads {config.num_heads}")
         self.num_heads = config.num_heads
-        self.query = _Linear(h, h, dtype, rngs)
-        self.key = _Linear(h, h, dtype, rngs)
-        self.value = _Linear(h, h, dtype, rngs)
-        self.attention_output = _Linear(h, h, dtype, rngs)
+        self.query = _Linear(h, h, dtype, rngs, config.initializer_range)
+        self.key = _Linear(h, h, dtype, rngs, config.initializer_range)
+        self.value = _Linear(h, h, dtype, rngs, config.initializer_range)
+        self.attention_output = _Linear(h, h, dtype, rngs, config.initializer_range)
         self.attention_layer_norm = _layer_norm(config, dtype, rngs)
-        self.intermediate = _Linear(h, f, dtype, rngs)
-        self.output = _Linear(f, h, dtype, rngs)
+        self.intermediate = _Linear(h, f, dtype, rngs, config.initializer_range)
+        self.output = _Linear(f, h, dtype, rngs, config.initializer_range)
         self.output_layer_norm = _layer_norm(config, dtype, rngs)
         self.hidden_dropout = config.hidden_dropout
         self.attention_dropout = config.attention_dropout
@@ -195,7 +199,7 @@ class BertModel(nnx.Module):
         self.encoder = nnx.Module()
         self.encoder.layers = nnx.List([EncoderLayer(config, dtype, rngs)
                                         for _ in range(config.num_layers)])
-        self.pooler = _Linear(config.hidden_size, config.hidden_size, dtype, rngs)
+        self.pooler = _Linear(config.hidden_size, config.hidden_size, dtype, rngs, config.initializer_range)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, dropout_rng=None):
         """Hidden states ``[batch, length, hidden]`` (the pooler is only used by ``pooled``)."""
@@ -217,7 +221,7 @@ class BertForQuestionAnswering(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
         self.bert = BertModel(config, dtype, rngs)
-        self.qa_outputs = _Linear(config.hidden_size, 2, dtype, rngs)
+        self.qa_outputs = _Linear(config.hidden_size, 2, dtype, rngs, config.initializer_range)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, dropout_rng=None):
         hidden = self.bert(input_ids, token_type_ids, attention_mask, dropout_rng)
@@ -234,7 +238,7 @@ class BertForMaskedLM(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
         self.bert = BertModel(config, dtype, rngs)
-        self.mlm_transform = _Linear(config.hidden_size, config.hidden_size, dtype, rngs)
+        self.mlm_transform = _Linear(config.hidden_size, config.hidden_size, dtype, rngs, config.initializer_range)
         self.mlm_layer_norm = _layer_norm(config, dtype, rngs)
         self.mlm_bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32))
         self.dtype = dtype

@@ -22,6 +22,7 @@ class QAConfig:
     num_heads: int = -1
     intermediate_size: int = -1
     dropout: float = -1.0  # >= 0: override hidden and attention dropout
+    initializer_range: float = -1.0  # > 0: std of the initial weights (BERT: 0.02)
     compute_dtype: str = "bfloat16"
 
     # Data. SQuAD JSON files, or the built-in pydoc task when both are None.
@@ -96,5 +97,5 @@ def smoke_config(base: QAConfig) -> QAConfig:
         hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=1000,
         max_seq_length=64, doc_stride=24, max_query_length=24, pretrain_steps=4 if base.builtin else 0,
         pretrain_batch_size=8, batch_size=8, eval_batch_size=16, num_train_steps=4,
-        max_train_examples=64, max_eval_examples=24, log_every_steps=2, checkpoint_every_steps=2,
+        max_train_examples=64, max_eval_examples=24, log_every_steps=2, checkpoint_every_steps=4,
         progress_bar=False)

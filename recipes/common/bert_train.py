@@ -59,6 +59,8 @@ def model_config(config: QAConfig, base: bert.BertConfig | None = None) -> bert.
     overrides = {"hidden_size": config.hidden_size, "num_layers": config.num_layers,
                  "num_heads": config.num_heads, "intermediate_size": config.intermediate_size}
     base = base.replace(**{k: v for k, v in overrides.items() if v > 0})
+    if config.initializer_range > 0:
+        base = base.replace(initializer_range=config.initializer_range)
     if config.dropout >= 0:
         base = base.replace(hidden_dropout=config.dropout, attention_dropout=config.dropout)
     return base

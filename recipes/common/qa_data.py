@@ -27,7 +27,8 @@ import numpy as np
 from recipes.common.squad import Answer, Example
 
 EVAL_EVERY = 6
-QUESTION_WORDS = 8
+QUESTION_WORDS = 6
+PASSAGE_WORDS = 60
 STOP_WORDS = frozenset("""
 about above after again against also among another because been before being below between both
 cannot could does doing down during each either else every from further have having here into
@@ -35,6 +36,10 @@ itself just like more most much must neither never none only other otherwise ove
 since some such than that their them then there these they this those through thus under until
 upon very were what when where whether which while will with within without would your
 """.split())
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
+_WORD = re.compile(r"\S+")
 
 
 def topic_paragraphs() -> dict[str, list[str]]:
@@ -54,7 +59,21 @@ def topic_paragraphs() -> dict[str, list[str]]:
             if len(text.split()) >= 12 and not text.endswith(":"):
                 paragraphs.append(text)
         if paragraphs:
-            result[name] = paragraphs
+            result[name] = [p for paragraph in paragraphs for p in passages(paragraph)]
+    return result
+
+
+def passages(paragraph: str, max_words: int = PASSAGE_WORDS) -> list[str]:
+    """A paragraph cut at sentence ends into passages of at most ``max_words`` words (a longer
+    sentence stays whole)."""
+    result, current = [], []
+    for sentence in _SENTENCE_END.split(paragraph):
+        if current and len(" ".join(current + [sentence]).split()) > max_words:
+            result.append(" ".join(current))
+            current = []
+        current.append(sentence)
+    if current:
+        result.append(" ".join(current))
     return result
 
 
@@ -64,8 +83,6 @@ def split_topics(paragraphs: dict[str, list[str]]) -> tuple[list[str], list[str]
     return [n for n in names if n not in held_out], held_out
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
-_WORD = re.compile(r"\S+")
 
 
 def cloze_examples(topic: str, paragraphs: list[str], rng: np.random.Generator,
@@ -145,7 +162,8 @@ def mlm_sequences(lines: list[str], tokenizer, max_seq_length: int) -> np.ndarra
 
 def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mask_id: int,
                 special_ids: tuple[int, ...], pad_id: int, max_predictions: int,
-                mask_rate: float = 0.15) -> dict[str, np.ndarray]:
+                mask_rate: float = 0.15,
+                token_type_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """BERT's masking: 15% of the tokens are predicted; of those 80% become [MASK], 10% a random
     token, 10% stay. Returns model inputs, ``masked_positions``, ``masked_ids``, ``masked_weights``."""
     batch, length = rows.shape
@@ -164,6 +182,7 @@ def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mas
                 input_ids[b, t] = mask_id
             elif draw < 0.9:
                 input_ids[b, t] = rng.integers(len(special_ids), vocab_size)
-    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(rows),
+    types = np.zeros_like(rows) if token_type_ids is None else token_type_ids
+    return {"input_ids": input_ids, "token_type_ids": types,
             "attention_mask": (rows != pad_id).astype(np.int32), "masked_positions": positions,
             "masked_ids": targets, "masked_weights": weights}

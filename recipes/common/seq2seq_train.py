@@ -327,7 +327,7 @@ def prepare_data(config: TranslationConfig, workdir: str, log: Callable = print)
                                   num_windows=config.builtin_windows, seed=config.seed)
         if config.max_train_pairs >= 0:
             texts["train"] = tuple(side[:config.max_train_pairs] for side in texts["train"])
-        name = "pydoc_rot13_swap"
+        name = "pydoc_rot13"
     if config.max_eval_sentences >= 0:
         for split in ("valid", "test"):
             texts[split] = tuple(side[:config.max_eval_sentences] for side in texts[split])

@@ -8,11 +8,13 @@ Full scale (``--data-dir``): plain-text parallel files, one sentence per line, a
     <data-dir>/spm.model              optional: a sentencepiece model to use instead of training one
 
 Built in (no download): English sentences from the Python documentation that Python itself ships
-(``pydoc_data.topics``), "translated" into a made-up target language: every pair of adjacent
-words swapped (``w1 w2 w3 w4 w5`` -> ``w2 w1 w4 w3 w5``) and every ASCII letter ROT13-enciphered
-(``a``<->``n``, ``b``<->``o``, ...). It is a deterministic, invertible transform, not a natural
-language: a model has to learn a token-to-token mapping and a local reordering, which makes the
-dense / one-shot / retrained comparison meaningful on a CPU in minutes, not a WMT-like BLEU.
+(``pydoc_data.topics``), "translated" into a made-up target language: the same text with every
+ASCII letter ROT13-enciphered (``a``<->``n``, ``b``<->``o``, ...; ``"Hello, world!"`` ->
+``"Uryyb, jbeyq!"``). It is a deterministic letter cipher of English, not a natural language:
+the joint BPE model segments both sides alike, so a model has to learn a piece-to-piece mapping
+(about a thousand of them) and to follow the source, which makes the dense / one-shot /
+retrained comparison meaningful on a CPU in minutes; its BLEU is not comparable to WMT BLEU.
+(A harder variant that also swapped adjacent words reached only ~30 BLEU in the same budget.)
 
 Sentences become ``sentencepiece`` pieces of one joint BPE model trained on both sides of the
 training text (``pad`` 0, ``unk`` 1, ``bos`` 2, ``eos`` 3). Training batches hold about
@@ -66,11 +68,8 @@ def builtin_sentences(min_words: int = 3, max_words: int = 40) -> list[str]:
 
 
 def to_target_language(sentence: str) -> str:
-    """The built-in "translation": swap adjacent word pairs, then ROT13 every ASCII letter."""
-    words = sentence.split()
-    for i in range(0, len(words) - 1, 2):
-        words[i], words[i + 1] = words[i + 1], words[i]
-    return codecs.encode(" ".join(words), "rot13")
+    """The built-in "translation": ROT13 on every ASCII letter (spaces and punctuation kept)."""
+    return codecs.encode(sentence, "rot13")
 
 
 def _split_of(sentence: str, num_buckets: int = 100) -> int:
