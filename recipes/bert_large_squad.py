@@ -10,11 +10,9 @@ and fine-tuned again with the 2:4 mask, all in a few minutes on a CPU. With ``--
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
-import typing
 
 # `python recipes/bert_large_squad.py` puts recipes/ on sys.path; the shared code is
 # `recipes.common`.
@@ -22,7 +20,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import bert_configs  # noqa: E402  (no jax: --help stays fast)
+from recipes.common import bert_configs, cli  # noqa: E402  (no jax: --help stays fast)
 
 EPILOG = """\
 Table 2 (BERT-Large, SQuAD v1.1: F1 91.9 dense / 91.9 2:4 sparse) on one host with 8 GPUs:
@@ -52,21 +50,6 @@ Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_repor
                          checkpoints/{pretrain,dense,retrain}/<step>/, sparse_model/ (the final
                          2:4 model as a Hugging Face BertForQuestionAnswering directory)
 """
-
-
-def _parse_value(name: str, text: str):
-    kind = typing.get_type_hints(bert_configs.QAConfig)[name]
-    if text.lower() in ("none", "null"):
-        return None
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"{name}: expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if kind is int:
-        return int(text)
-    if kind is float:
-        return float(text)
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,18 +99,7 @@ def config_from_args(args: argparse.Namespace) -> bert_configs.QAConfig:
     overrides = {"checkpoint": args.checkpoint, "init_from": args.init_from, "size": args.size,
                  "batch_size": args.batch_size, "num_epochs": args.epochs,
                  "num_train_steps": args.steps, "learning_rate": args.lr, "devices": args.devices}
-    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.distributed:
-        config = config.replace(distributed=True)
-    if args.no_progress:
-        config = config.replace(progress_bar=False)
-    names = {f.name for f in dataclasses.fields(bert_configs.QAConfig)}
-    for assignment in args.set:
-        name, _, text = assignment.partition("=")
-        if name not in names:
-            raise SystemExit(f"--set {assignment}: unknown config field {name!r}")
-        config = config.replace(**{name: _parse_value(name, text)})
-    return config
+    return cli.apply_command_line(config, overrides, args)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +40,8 @@ from jax.sharding import PartitionSpec as P
 import sparse_jax
 from recipes.common import bert, checkpointing, metrics, qa_data, squad
 from recipes.common.bert_configs import QAConfig
-from recipes.common.train import Interrupted, create_mesh, report_summary, shard_batch
+from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, prepare_workdir,
+                                  report_summary, shard_batch)
 
 PHASES = ("pretrain", "dense", "retrain")
 
@@ -372,23 +372,6 @@ def _load_fine_tuned(source: str, like: dict) -> tuple[dict, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(checkpoints) and not resume:
-        if not (os.path.exists(os.path.join(workdir, "results.json")) or overwrite):
-            raise FileExistsError(f"{workdir} holds an unfinished run; pass --resume to continue "
-                                  "it, or --overwrite to start again")
-        if jax.process_index() == 0:
-            for name in ("checkpoints", "metrics.jsonl", "results.json", "curves.png",
-                         "sparsity_report.txt", "vocab.txt", "sparse_model"):
-                path = os.path.join(workdir, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -400,7 +383,7 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
     started, cpu_started = time.time(), _cpu_seconds()
     if config.distributed:
         jax.distributed.initialize()
-    _prepare_workdir(workdir, resume, overwrite)
+    prepare_workdir(workdir, resume, overwrite, RUN_OUTPUTS + ("vocab.txt", "sparse_model"))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json())

@@ -11,13 +11,14 @@ import typing
 from recipes.common import configs, model_configs
 
 
-def _parse_value(field: dataclasses.Field, text: str):
-    kind = typing.get_type_hints(configs.Config)[field.name]
+def parse_field_value(config_type: type, name: str, text: str):
+    """``text`` from ``--set name=text`` as the type of ``config_type``'s field ``name``."""
+    kind = typing.get_type_hints(config_type)[name]
     if text.lower() in ("none", "null"):
         return None
     if kind in (bool, bool | None):
         if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"{field.name}: expected true/false, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name}: expected true/false, got {text!r}")
         return text.lower() in ("true", "1")
     if kind in (int, int | None):
         return int(text)
@@ -26,6 +27,23 @@ def _parse_value(field: dataclasses.Field, text: str):
     if "tuple" in str(kind):
         return tuple(int(v) for v in text.split(",") if v)
     return text
+
+
+def apply_command_line(config, overrides: dict, args: argparse.Namespace):
+    """A recipe config (a dataclass with ``replace``) with the given ``overrides`` (None: not
+    given), then ``--distributed``, ``--no-progress`` and every ``--set FIELD=VALUE`` applied."""
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if args.distributed:
+        config = config.replace(distributed=True)
+    if args.no_progress:
+        config = config.replace(progress_bar=False)
+    names = {f.name for f in dataclasses.fields(config)}
+    for assignment in args.set:
+        name, _, text = assignment.partition("=")
+        if name not in names:
+            raise SystemExit(f"--set {assignment}: unknown config field {name!r}")
+        config = config.replace(**{name: parse_field_value(type(config), name, text)})
+    return config
 
 
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
@@ -78,18 +96,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> configs.Config:
                  "learning_rate_per_256": args.lr, "devices": args.devices,
                  "num_workers": args.workers, "control": args.control,
                  "export_onnx": args.export_onnx}
-    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.distributed:
-        config = config.replace(distributed=True)
-    if args.no_progress:
-        config = config.replace(progress_bar=False)
-    fields = {f.name: f for f in dataclasses.fields(configs.Config)}
-    for assignment in args.set:
-        name, _, text = assignment.partition("=")
-        if name not in fields:
-            raise SystemExit(f"--set {assignment}: unknown config field {name!r}")
-        config = config.replace(**{name: _parse_value(fields[name], text)})
-    return config
+    return apply_command_line(config, overrides, args)
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:

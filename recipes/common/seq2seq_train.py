@@ -29,10 +29,7 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import sys
 import time
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -527,24 +524,6 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, data_seed: in
     return state, progress
 
 
-def _prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(checkpoints) and not resume:
-        finished = os.path.exists(os.path.join(workdir, "results.json"))
-        if not (finished or overwrite):
-            raise FileExistsError(f"{workdir} holds an unfinished run; pass --resume to continue "
-                                  "it, or --overwrite to start again")
-        if _is_main_process():
-            for name in ("checkpoints", "metrics.jsonl", "results.json", "curves.png",
-                         "sparsity_report.txt", "spm.model", "translations.txt"):
-                path = os.path.join(workdir, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
-
-
 def load_dense_params(source: str, like_params: dict) -> tuple[dict, str]:
     """The dense parameters of a finished run (its ``checkpoints/dense``) or of one step directory."""
     import re
@@ -586,7 +565,8 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
     started = time.time()
     if config.distributed:
         jax.distributed.initialize()
-    _prepare_workdir(workdir, resume, overwrite)
+    image_train.prepare_workdir(workdir, resume, overwrite,
+                                image_train.RUN_OUTPUTS + ("spm.model", "translations.txt"))
     if _is_main_process():
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json())
@@ -788,23 +768,6 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_value(name: str, text: str):
-    kind = typing.get_type_hints(TranslationConfig)[name]
-    if text.lower() in ("none", "null"):
-        return None
-    if kind in (bool, bool | None):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"{name}: expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if kind in (int, int | None):
-        return int(text)
-    if kind in (float, float | None):
-        return float(text)
-    if "tuple" in str(kind):
-        return tuple(int(v) for v in text.split(",") if v)
-    return text
-
-
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -845,18 +808,9 @@ def config_from_args(args: argparse.Namespace, model: str) -> TranslationConfig:
     overrides = {"init_from": args.init_from, "size": args.size, "max_tokens": args.max_tokens,
                  "num_train_steps": args.steps, "learning_rate": args.lr,
                  "devices": args.devices, "num_workers": args.workers}
-    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.distributed:
-        config = config.replace(distributed=True)
-    if args.no_progress:
-        config = config.replace(progress_bar=False)
-    names = {f.name for f in dataclasses.fields(TranslationConfig)}
-    for assignment in args.set:
-        name, _, text = assignment.partition("=")
-        if name not in names:
-            raise SystemExit(f"--set {assignment}: unknown config field {name!r}")
-        config = config.replace(**{name: _parse_value(name, text)})
-    return config
+    from recipes.common import cli
+
+    return cli.apply_command_line(config, overrides, args)
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:

@@ -352,7 +352,13 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx: optax.Gradien
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "curves.png", "sparsity_report.txt")
+
+
+def prepare_workdir(workdir: str, resume: bool, overwrite: bool,
+                    outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """Creates ``workdir``; a finished run's ``outputs`` are removed (or an unfinished run's, with
+    ``overwrite``) unless resuming. An unfinished run is never lost silently."""
     checkpoints = os.path.join(workdir, "checkpoints")
     if os.path.isdir(checkpoints) and not resume:
         finished = os.path.exists(os.path.join(workdir, "results.json"))
@@ -361,8 +367,7 @@ def _prepare_workdir(workdir: str, resume: bool, overwrite: bool) -> None:
                 f"{workdir} holds an unfinished run; pass --resume to continue it, or "
                 "--overwrite to start again")
         if jax.process_index() == 0:
-            for name in ("checkpoints", "metrics.jsonl", "results.json", "curves.png",
-                         "sparsity_report.txt"):
+            for name in outputs:
                 path = os.path.join(workdir, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -392,7 +397,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
     started = time.time()
     if config.distributed:
         jax.distributed.initialize()
-    _prepare_workdir(workdir, resume, overwrite)
+    prepare_workdir(workdir, resume, overwrite)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json())
@@ -544,8 +549,8 @@ def report_summary(report: sparse_jax.SparsityReport, table_path: str) -> str:
 
 def results_table(results: dict[str, Any]) -> str:
     """A Table-2 style row: dense / one-shot 2:4 / retrained 2:4 (/ dense control) top-1."""
-    header = (f"| model | dataset | dense top-1 | 2:4 one-shot | 2:4 retrained | dense control |\n"
-              f"|---|---|---|---|---|---|")
+    header = ("| model | dataset | dense top-1 | 2:4 one-shot | 2:4 retrained | dense control |\n"
+              "|---|---|---|---|---|---|")
     row = (f"| {results['model']} | {results['dataset']} | {_pretty(results['dense'])} | "
            f"{_pretty(results['one_shot'])} | {_pretty(results['sparse'])} | "
            f"{_pretty(results['control'])} |")
