@@ -48,7 +48,9 @@ Several hosts:           the same command with --distributed on every host
 The base model:          --size base (transformer_wmt_en_de: d_model 512, FFN 2048, 8 heads)
 Every code path, fast:   python recipes/transformer_wmt.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,
-                         translations.txt, spm.model, checkpoints/{dense,retrain}/<step>/
+                         translations.txt, spm.model, checkpoints/{dense,retrain,control}/<step>/
+A fair comparison:       --control also trains the dense model for the retraining steps
+                         (on by default for the built-in task)
 """
 
 if __name__ == "__main__":

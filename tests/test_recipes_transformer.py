@@ -397,14 +397,17 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
                 "seconds", "devices", "jax"):
         assert key in saved
     assert saved["metric"] == "bleu" and saved["exactly_nm_sparse"] is True
-    assert saved["steps"] == {"dense": 6, "retrain": 6, "control": None}
-    assert all(0.0 <= saved[k] <= 100.0 for k in ("dense", "one_shot", "sparse"))
+    assert saved["steps"] == {"dense": 6, "retrain": 6, "control": 6}  # control: built-in default
+    assert all(0.0 <= saved[k] <= 100.0 for k in ("dense", "one_shot", "sparse", "control"))
     for name in ("metrics.jsonl", "curves.png", "sparsity_report.txt", "spm.model",
                  "translations.txt", "config.json"):
         assert (workdir / name).exists(), name
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["dense", "retrain"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["control", "dense", "retrain"]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in records} == {"dense", "one_shot", "retrain"}
+    assert {r["phase"] for r in records} == {"dense", "one_shot", "retrain", "control"}
+    control_bleu = [r["metric"] for r in records
+                    if r["phase"] == "control" and r["metric"] is not None]
+    assert control_bleu[-1] == saved["control"]
     report = (workdir / "sparsity_report.txt").read_text()
     assert "embed_tokens/embedding" in report and "every pruned leaf 2:4: yes" in report
     printed = capsys.readouterr().out
@@ -420,7 +423,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     with pytest.raises(seq2seq_train.Interrupted):
         seq2seq_train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
     resumed = seq2seq_train.train_and_evaluate(config, str(tmp_path / "resumed"), resume=True)
-    for key in ("dense", "one_shot", "sparse"):
+    for key in ("dense", "one_shot", "sparse", "control"):
         assert resumed[key] == whole[key]
     metrics = lambda run: [json.loads(line) for line in
                            (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

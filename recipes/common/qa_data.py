@@ -27,6 +27,7 @@ import numpy as np
 from recipes.common.squad import Answer, Example
 
 EVAL_EVERY = 6
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 QUESTION_WORDS = 6
 PASSAGE_WORDS = 60
 STOP_WORDS = frozenset("""
@@ -139,12 +140,20 @@ def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -
 
     tokenizer = BertWordPieceTokenizer(lowercase=True)
     tokenizer.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2,
-                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+                                  special_tokens=list(SPECIAL_TOKENS))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     written = tokenizer.save_model(directory)
     if os.path.abspath(written[0]) != os.path.abspath(path):
         os.replace(written[0], path)
+    # The trainer orders equally frequent tokens differently from run to run (its counting is
+    # multi-threaded); WordPiece does not depend on the ids, so a canonical order makes the ids,
+    # and everything trained on them, reproducible.
+    with open(path, encoding="utf-8") as f:
+        tokens = f.read().splitlines()
+    special = [t for t in tokens if t in SPECIAL_TOKENS]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(special + sorted(t for t in tokens if t not in SPECIAL_TOKENS)) + "\n")
     return path
 
 

@@ -10,7 +10,9 @@
    input axis; the shared embedding (which is also the tied output projection) stays dense. The
    pruned model is scored as is (one-shot);
 3. **retrain**: the same schedule again (warm-up included), from the pruned weights with a fresh
-   Adam wrapped in ``sparse_jax.masked``, so that every step keeps the weights exactly 2:4.
+   Adam wrapped in ``sparse_jax.masked``, so that every step keeps the weights exactly 2:4;
+4. optionally **control** (``control``, on for the built-in task): the dense model trained the same
+   way for as many more steps without a mask, so that sparse and dense compare at equal steps.
 
 BLEU is sacreBLEU's corpus BLEU (13a tokenisation of the detokenised output, case-sensitive; the
 signature is printed and saved) of beam search (beam 4, length penalty 0.6) on the test set, the
@@ -46,7 +48,7 @@ SKIP_EXPLANATIONS = {
     "embed_tokens/embedding": "embedding lookup shared by encoder, decoder and the tied output "
                               "projection (kept dense, as in NVIDIA's recipe)",
 }
-PHASES = ("dense", "retrain")
+PHASES = ("dense", "retrain", "control")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class TranslationConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     num_train_steps: int = 300_000  # per phase
+    control: bool = False  # also train the dense model for the retraining steps (fair comparison)
     # Evaluation.
     beam_size: int = 4
     length_penalty: float = 0.6
@@ -137,7 +140,7 @@ def builtin_config() -> TranslationConfig:
     return TranslationConfig(
         size="base", d_model=128, ffn_dim=256, num_heads=4, encoder_layers=2, decoder_layers=2,
         dropout=0.0, compute_dtype="float32", vocab_size=1000, buckets=(24, 48, 96),
-        max_tokens=2048, learning_rate=3e-3, warmup_steps=100, num_train_steps=600,
+        max_tokens=2048, learning_rate=3e-3, warmup_steps=100, num_train_steps=600, control=True,
         eval_batch_size=96, eval_every_steps=200, log_every_steps=25,
         checkpoint_every_steps=200, spm_train_sentences=100_000)
 
@@ -552,7 +555,8 @@ def load_dense_params(source: str, like_params: dict) -> tuple[dict, str]:
 
 def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool = False,
                        overwrite: bool = False) -> dict[str, Any]:
-    """Runs dense -> prune (one-shot BLEU) -> masked retrain; returns what results.json holds."""
+    """Runs dense -> prune (one-shot BLEU) -> masked retrain (-> dense control); returns what
+    results.json holds."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -643,6 +647,19 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
     wf.print(f"[retrain] BLEU {sparse['bleu']:.2f} (weights exactly {config.sparsity_n}:"
              f"{config.sparsity_m}: {exactly_sparse})")
 
+    # 4. Control: the dense model trained for as many more steps, the same way (fresh optimizer,
+    # the schedule again) but without a mask: sparse-vs-dense at the same number of steps.
+    control = None
+    if config.control:
+        control_tx = create_optimizer(config)
+        state = {"params": jax.tree.map(jnp.copy, dense_params),
+                 "opt_state": control_tx.init(dense_params)}
+        state, control_progress = run_phase(wf, "control", state, control_tx, config.seed + 2,
+                                            resume)
+        control = {"bleu": control_progress["bleu"], "seconds": control_progress["seconds"]}
+        wf.print(f"[control] BLEU {control['bleu']:.2f} (dense, {config.num_train_steps} more "
+                 "steps)")
+
     report = sparse_jax.sparsity_report(final_params, masks, config.sparsity_n, config.sparsity_m,
                                         rules=PRUNING_RULES)
     results = {
@@ -652,17 +669,19 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
         "dense": dense["bleu"],
         "one_shot": one_shot["bleu"],
         "sparse": sparse["bleu"],
-        "control": None,
+        "control": control["bleu"] if control else None,
         "bleu_signature": sparse["signature"],
         "beam_size": config.beam_size,
         "length_penalty": config.length_penalty,
-        "steps": {"dense": dense_steps, "retrain": config.num_train_steps, "control": None},
+        "steps": {"dense": dense_steps, "retrain": config.num_train_steps,
+                  "control": config.num_train_steps if control else None},
         "max_tokens": config.max_tokens,
         "num_params": num_params,
         "test_sentences": len(data.test),
         "exactly_nm_sparse": exactly_sparse,
         "seconds": round(time.time() - started, 1),
-        "training_seconds": round(dense_seconds + progress["seconds"], 1),
+        "training_seconds": round(dense_seconds + progress["seconds"]
+                                  + (control["seconds"] if control else 0.0), 1),
         "devices": mesh.size,
         "platform": mesh.devices.flat[0].platform,
         "jax": jax.__version__,
@@ -675,7 +694,8 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
                                                      hypotheses):
                 f.write(f"SRC {source}\nREF {reference}\nHYP {hypothesis}\n\n")
         plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                    f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain")
+                    f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain"
+                    + (" (+ dense control)" if control else ""))
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     wf.print("")
@@ -706,16 +726,18 @@ def report_summary(report, table_path: str) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    header = ("| model | dataset | dense BLEU | 2:4 one-shot | 2:4 retrained |\n"
-              "|---|---|---|---|---|")
+    header = ("| model | dataset | dense BLEU | 2:4 one-shot | 2:4 retrained | dense control |\n"
+              "|---|---|---|---|---|---|")
+    control = "-" if results["control"] is None else f"{results['control']:.2f}"
     row = (f"| {results['model']} | {results['dataset']} | {results['dense']:.2f} | "
-           f"{results['one_shot']:.2f} | {results['sparse']:.2f} |")
+           f"{results['one_shot']:.2f} | {results['sparse']:.2f} | {control} |")
     steps = results["steps"]
+    control_steps = f", control {steps['control']}" if steps["control"] else ""
     note = (f"sacreBLEU {results['bleu_signature']}, beam {results['beam_size']}, length penalty "
             f"{results['length_penalty']}, {results['test_sentences']} test sentences; steps: "
-            f"dense {steps['dense']}, retrain {steps['retrain']} (~{results['max_tokens']} tokens "
-            f"each); {results['seconds']:.0f} s on {results['devices']} {results['platform']} "
-            "device(s)")
+            f"dense {steps['dense']}, retrain {steps['retrain']}{control_steps} "
+            f"(~{results['max_tokens']} tokens each); {results['seconds']:.0f} s on "
+            f"{results['devices']} {results['platform']} device(s)")
     return "\n".join([header, row, note])
 
 
@@ -726,14 +748,15 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"dense": "tab:blue", "retrain": "tab:red"}
+    colors = {"dense": "tab:blue", "retrain": "tab:red", "control": "tab:gray"}
     dense_steps = max((r["step"] for r in records if r["phase"] == "dense"), default=0)
-    offsets = {"dense": 0, "retrain": dense_steps}
+    offsets = {"dense": 0, "retrain": dense_steps, "control": dense_steps}
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
     for phase, color in colors.items():
         train = [r for r in records if r["phase"] == phase and r["split"] == "train"]
         valid = [r for r in records if r["phase"] == phase and r["split"] == "valid"]
-        label = "dense" if phase == "dense" else "2:4 sparse retraining"
+        label = {"dense": "dense", "retrain": "2:4 sparse retraining",
+                 "control": "dense control"}[phase]
         if train:
             ax_loss.plot([offsets[phase] + r["step"] for r in train], [r["loss"] for r in train],
                          color=color, lw=1, label=f"{label} (train, smoothed)")
@@ -785,6 +808,9 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="peak learning rate after the warm-up")
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
     parser.add_argument("--workers", type=int, help="grain worker processes")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the dense model for the retraining steps (fair "
+                        "comparison; on by default for the built-in task, off for WMT)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
                         "from its last checkpoints")
     parser.add_argument("--overwrite", action="store_true",
@@ -807,7 +833,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> TranslationConfig:
         config = smoke_config(config)
     overrides = {"init_from": args.init_from, "size": args.size, "max_tokens": args.max_tokens,
                  "num_train_steps": args.steps, "learning_rate": args.lr,
-                 "devices": args.devices, "num_workers": args.workers}
+                 "devices": args.devices, "num_workers": args.workers, "control": args.control}
     from recipes.common import cli
 
     return cli.apply_command_line(config, overrides, args)
