@@ -70,17 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="steps of each fine-tuning phase")
     parser.add_argument("--lr", type=float, help="peak AdamW learning rate")
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start again even if --workdir holds an unfinished run")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: every "
-                        "code path in well under a minute")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any config field, e.g. --set max_seq_length=512 "
-                        "(see recipes/common/bert_configs.py)")
+    cli.add_run_arguments(parser, "recipes/common/bert_configs.py", "--set max_seq_length=512")
     return parser
 
 

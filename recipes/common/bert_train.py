@@ -40,8 +40,8 @@ from jax.sharding import PartitionSpec as P
 import sparse_jax
 from recipes.common import bert, checkpointing, metrics, qa_data, squad
 from recipes.common.bert_configs import QAConfig
-from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, prepare_workdir,
-                                  report_summary, shard_batch)
+from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, mean_loss_and_accuracy,
+                                  prepare_workdir, report_summary, shard_batch)
 
 PHASES = ("pretrain", "dense", "retrain")
 
@@ -290,12 +290,8 @@ def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable,
         pending.append(step_metrics)
         bar.update(1)
         if step % config.log_every_steps == 0 or step == total_steps:
-            fetched = jax.device_get(pending)
+            loss, accuracy = mean_loss_and_accuracy(pending, phase, step)
             pending = []
-            loss = float(np.mean([m["loss"] for m in fetched]))
-            accuracy = float(np.mean([m["accuracy"] for m in fetched]))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"[{phase}] loss became {loss} at step {step}")
             wf.log.write({"phase": phase, "step": step, "split": "train", "loss": loss,
                           "metric": accuracy})
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * accuracy:.1f}%")

@@ -46,6 +46,23 @@ def apply_command_line(config, overrides: dict, args: argparse.Namespace):
     return config
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, config_file: str, set_example: str) -> None:
+    """The options every recipe shares: --resume, --overwrite, --distributed, --smoke,
+    --no-progress and --set FIELD=VALUE (``set_example``: a sample, ``config_file``: where the
+    fields are)."""
+    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
+                        "from its last checkpoints (same result as an uninterrupted run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again even if --workdir holds an unfinished run")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host: call jax.distributed.initialize() first")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
+                        "code path (all phases, checkpoints, plot) in well under a minute")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help=f"override any config field, e.g. {set_example} (see {config_file})")
+
+
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,21 +83,11 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the dense model for the retraining steps (fair "
                         "comparison; on by default for built-in data, off for ImageNet)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
-                        "from its last checkpoint (same result as an uninterrupted run)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start again even if --workdir holds an unfinished run")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
-                        "code path (all phases, checkpoints, plot) in well under a minute")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
                         "to ONNX (eval mode, float32 NHWC input) for TensorRT; needs the export "
                         "extra (see README); check it with sparse-jax-inspect PATH")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any config field, e.g. --set weight_decay=5e-5 "
-                        "--set compute_dtype=float32 (see recipes/common/configs.py)")
+    add_run_arguments(parser, "recipes/common/configs.py",
+                      "--set weight_decay=5e-5 --set compute_dtype=float32")
     return parser
 
 

@@ -811,18 +811,10 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the dense model for the retraining steps (fair "
                         "comparison; on by default for the built-in task, off for WMT)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
-                        "from its last checkpoints")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start again even if --workdir holds an unfinished run")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
-                        "code path (both phases, checkpoints, BLEU, plot) in well under a minute")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any config field, e.g. --set beam_size=5 --set "
-                        "dropout=0.1 (see recipes/common/seq2seq_train.py TranslationConfig)")
+    from recipes.common import cli
+
+    cli.add_run_arguments(parser, "recipes/common/seq2seq_train.py TranslationConfig",
+                          "--set beam_size=5 --set dropout=0.1")
     return parser
 
 

@@ -256,6 +256,17 @@ def _progress_bar(total: int, initial: int, description: str, enabled: bool):
                 disable=not enabled or jax.process_index() != 0, file=sys.stdout, leave=True)
 
 
+def mean_loss_and_accuracy(step_metrics: list[dict], phase: str, step: int) -> tuple[float, float]:
+    """Mean train loss and accuracy of the steps since the last log (one device-to-host copy);
+    a non-finite loss stops the run, naming the phase and step."""
+    fetched = jax.device_get(step_metrics)
+    loss = float(np.mean([m["loss"] for m in fetched]))
+    accuracy = float(np.mean([m["accuracy"] for m in fetched]))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"[{phase}] loss became {loss} at step {step}")
+    return loss, accuracy
+
+
 def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx: optax.GradientTransformation,
               total_steps: int, data_seed: int, extra_progress: dict[str, Any] | None = None,
               resume: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -313,12 +324,8 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx: optax.Gradien
         pending.append(step_metrics)
         bar.update(1)
         if step % config.log_every_steps == 0 or step == total_steps:
-            fetched = jax.device_get(pending)
+            loss, accuracy = mean_loss_and_accuracy(pending, phase, step)
             pending = []
-            loss = float(np.mean([m["loss"] for m in fetched]))
-            accuracy = float(np.mean([m["accuracy"] for m in fetched]))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"[{phase}] loss became {loss} at step {step}")
             lr = float(learning_rate_schedule(config, total_steps)(step - 1))
             wf.log.write({"phase": phase, "step": step, "split": "train", "loss": loss,
                           "metric": accuracy, "lr": lr, "epoch": step / steps_per_epoch})
