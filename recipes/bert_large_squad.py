@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="steps of each fine-tuning phase")
     parser.add_argument("--lr", type=float, help="peak AdamW learning rate")
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
+    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
+                        "to ONNX (float32, [1, max_seq_length] int32 inputs) for TensorRT; needs "
+                        "the export extra (see README); check it with sparse-jax-inspect PATH")
     cli.add_run_arguments(parser, "recipes/common/bert_configs.py", "--set max_seq_length=512")
     return parser
 
@@ -88,7 +91,8 @@ def config_from_args(args: argparse.Namespace) -> bert_configs.QAConfig:
         config = bert_configs.smoke_config(config)
     overrides = {"checkpoint": args.checkpoint, "init_from": args.init_from, "size": args.size,
                  "batch_size": args.batch_size, "num_epochs": args.epochs,
-                 "num_train_steps": args.steps, "learning_rate": args.lr, "devices": args.devices}
+                 "num_train_steps": args.steps, "learning_rate": args.lr, "devices": args.devices,
+                 "export_onnx": args.export_onnx}
     return cli.apply_command_line(config, overrides, args)
 
 

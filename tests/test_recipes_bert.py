@@ -7,6 +7,7 @@ SQuAD v1.1 metric on cases worked by hand, windows on a hand-made vocabulary.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -467,7 +468,9 @@ def _smoke(workdir, *extra):
 
 
 def test_smoke_run_end_to_end(tmp_path):
-    results = _smoke(tmp_path)
+    export = importlib.util.find_spec("jax2onnx") is not None
+    onnx_path = tmp_path / "model.onnx"
+    results = _smoke(tmp_path, *(["--export-onnx", str(onnx_path)] if export else []))
     assert results["exactly_nm_sparse"] is True
     assert results["steps"] == {"pretrain": 4, "dense": 4, "retrain": 4, "control": None}
     assert results["devices"] == 2
@@ -478,6 +481,19 @@ def test_smoke_run_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in records} == {"pretrain", "dense", "one_shot", "retrain"}
     assert (tmp_path / "curves.png").stat().st_size > 0
+    if export:  # the six encoder Linears 2:4 along K where TensorRT looks; the span head dense
+        import onnxruntime
+        from sparse_jax import inspect as sparse_inspect
+
+        checks = sparse_inspect.inspect_onnx(onnx_path)
+        assert sorted(c.shape for c in checks if c.is_24) == sorted(
+            [(32, 32)] * 4 + [(32, 64), (64, 32)])
+        assert [c.shape for c in checks if not c.is_24] == [(32, 2)]
+        ids = np.full((1, 64), 5, np.int32)
+        start, end = onnxruntime.InferenceSession(str(onnx_path)).run(None, {
+            "input_ids": ids, "token_type_ids": np.zeros_like(ids),
+            "attention_mask": np.ones_like(ids)})
+        assert start.shape == end.shape == (1, 64) and np.isfinite(start).all()
     report = (tmp_path / "sparsity_report.txt").read_text()
     assert "qa_outputs/kernel" in report and "pooler" in report
     # The exported final model is a Hugging Face directory: it loads back, exactly 2:4.

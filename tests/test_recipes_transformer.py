@@ -7,6 +7,7 @@ NumPy checks of the 2:4 pattern.
 """
 
 import collections
+import importlib.util
 import itertools
 import json
 import math
@@ -390,7 +391,10 @@ def test_missing_or_misaligned_data_files_give_clear_errors(tmp_path):
 
 def test_smoke_run_end_to_end(tmp_path, capsys):
     workdir = tmp_path / "run"
-    results = seq2seq_train.main("transformer_wmt", "", "", ["--smoke", "--workdir", str(workdir)])
+    export = importlib.util.find_spec("jax2onnx") is not None
+    onnx_path = tmp_path / "model.onnx"
+    results = seq2seq_train.main("transformer_wmt", "", "", [
+        "--smoke", "--workdir", str(workdir), *(["--export-onnx", str(onnx_path)] if export else [])])
     saved = json.loads((workdir / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     for key in ("model", "dataset", "metric", "dense", "one_shot", "sparse", "control", "steps",
@@ -413,6 +417,18 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| transformer_wmt | pydoc_rot13 |" in printed
     assert "kept dense: embed_tokens/embedding" in printed and "tied output projection" in printed
+    if export:  # the 16 projections are Gemms, 2:4 along K where TensorRT looks (the tied output
+        # projection becomes an Einsum with the embedding, which the inspector does not list)
+        import onnxruntime
+        from sparse_jax import inspect as sparse_inspect
+
+        checks = sparse_inspect.inspect_onnx(onnx_path)
+        assert len(checks) == 16 and all(c.is_24 and c.op == "Gemm" for c in checks)
+        assert sorted({c.shape for c in checks}) == [(32, 32), (32, 64), (64, 32)]
+        tokens = np.full((1, 96), 7, np.int32)
+        (logits,) = onnxruntime.InferenceSession(str(onnx_path)).run(None, {
+            "src_tokens": tokens, "prev_output_tokens": tokens})
+        assert logits.shape == (1, 96, 300) and np.isfinite(logits).all()
 
 
 @pytest.mark.slow

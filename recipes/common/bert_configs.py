@@ -64,6 +64,7 @@ class QAConfig:
     distributed: bool = False
     progress_bar: bool = True
     interrupt_after_steps: int = -1  # testing: stop after this many steps in all
+    export_onnx: str | None = None  # also write the final 2:4 model to this ONNX file
 
     def replace(self, **changes: Any) -> "QAConfig":
         return dataclasses.replace(self, **changes)

@@ -517,6 +517,10 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
             json.dump(results, f, indent=2)
         bert.save_hf_checkpoint(os.path.join(workdir, "sparse_model"), mcfg,
                                 jax.device_get(final_params), task.vocab_path)
+        if config.export_onnx:
+            export_onnx(mcfg, final_params, config.max_seq_length, config.export_onnx)
+            wf.print(f"wrote the 2:4 model as ONNX to {config.export_onnx} (check: "
+                     f"sparse-jax-inspect {config.export_onnx})")
     wf.print("")
     wf.print(report_summary(report, os.path.join(workdir, "sparsity_report.txt")))
     wf.print("")
@@ -524,6 +528,20 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
     wf.print(f"\nwrote {workdir}/results.json, metrics.jsonl, curves.png, sparsity_report.txt, "
              "checkpoints/, sparse_model/ (Hugging Face layout)")
     return results
+
+
+def export_onnx(mcfg: bert.BertConfig, params, max_seq_length: int, path: str) -> None:
+    """Writes the span-prediction model to ONNX: float32 (TensorRT picks its own precision), eval
+    mode, inputs ``input_ids``, ``token_type_ids``, ``attention_mask`` of ``[1, max_seq_length]``
+    int32; outputs start and end logits."""
+    import sparse_jax.export  # needs the export extra (jax2onnx)
+
+    graphdef, _ = nnx.split(bert.BertForQuestionAnswering(mcfg, jnp.float32, nnx.Rngs(0)),
+                            nnx.Param)
+    model = nnx.merge(graphdef, jax.device_get(params))
+    example = jax.ShapeDtypeStruct((1, max_seq_length), jnp.int32)
+    sparse_jax.export.to_onnx(model, [example] * 3, path,
+                              input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def results_table(results: dict[str, Any]) -> str:

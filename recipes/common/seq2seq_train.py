@@ -91,6 +91,7 @@ class TranslationConfig:
     label_smoothing: float = 0.1
     num_train_steps: int = 300_000  # per phase
     control: bool = False  # also train the dense model for the retraining steps (fair comparison)
+    export_onnx: str | None = None  # also write the final 2:4 model to this ONNX file
     # Evaluation.
     beam_size: int = 4
     length_penalty: float = 0.6
@@ -698,6 +699,10 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
                     + (" (+ dense control)" if control else ""))
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+        if config.export_onnx:
+            export_onnx(model_cfg, final_params, max(config.buckets), config.export_onnx)
+            wf.print(f"wrote the 2:4 model as ONNX to {config.export_onnx} (check: "
+                     f"sparse-jax-inspect {config.export_onnx})")
     wf.print("")
     wf.print(report_summary(report, os.path.join(workdir, "sparsity_report.txt")))
     wf.print("")
@@ -706,6 +711,26 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
              f"translations.txt, spm.model, checkpoints/ (sparse model: checkpoints/retrain/"
              f"{config.num_train_steps})")
     return results
+
+
+def export_onnx(model_cfg, params, length: int, path: str) -> None:
+    """Writes the teacher-forced forward pass to ONNX: inputs ``src_tokens`` and
+    ``prev_output_tokens`` (int32 ``[1, length]``, padded), output the next-token logits; float32
+    (TensorRT picks its own precision). Beam search stays outside the graph."""
+    import dataclasses as dc
+
+    import jax
+    from flax import nnx
+
+    import sparse_jax.export  # needs the export extra (jax2onnx)
+    from recipes.common import transformer
+
+    graphdef, _ = nnx.split(transformer.Transformer(dc.replace(model_cfg, dtype="float32"),
+                                                    rngs=nnx.Rngs(0)), nnx.Param)
+    model = nnx.merge(graphdef, jax.device_get(params))
+    example = jax.ShapeDtypeStruct((1, length), np.int32)
+    sparse_jax.export.to_onnx(model, [example, example], path,
+                              input_names=["src_tokens", "prev_output_tokens"])
 
 
 def report_summary(report, table_path: str) -> str:
@@ -808,6 +833,9 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="peak learning rate after the warm-up")
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
     parser.add_argument("--workers", type=int, help="grain worker processes")
+    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
+                        "(teacher-forced forward, float32) to ONNX for TensorRT; needs the export "
+                        "extra (see README); check it with sparse-jax-inspect PATH")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the dense model for the retraining steps (fair "
                         "comparison; on by default for the built-in task, off for WMT)")
@@ -825,7 +853,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> TranslationConfig:
         config = smoke_config(config)
     overrides = {"init_from": args.init_from, "size": args.size, "max_tokens": args.max_tokens,
                  "num_train_steps": args.steps, "learning_rate": args.lr,
-                 "devices": args.devices, "num_workers": args.workers, "control": args.control}
+                 "devices": args.devices, "num_workers": args.workers, "control": args.control,
+                 "export_onnx": args.export_onnx}
     from recipes.common import cli
 
     return cli.apply_command_line(config, overrides, args)
