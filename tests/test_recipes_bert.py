@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -511,6 +512,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     from recipes.common import bert_train
 
     uninterrupted = _smoke(tmp_path / "a")
+    # The same vocabulary for both runs: tokenizers' trainer breaks ties irreproducibly, and a run
+    # reuses the vocab.txt its workdir holds.
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "vocab.txt", tmp_path / "b" / "vocab.txt")
     with pytest.raises(bert_train.Interrupted):
         _smoke(tmp_path / "b", "--set", "interrupt_after_steps=7")  # inside the dense phase
     with pytest.raises(FileExistsError, match="--resume"):

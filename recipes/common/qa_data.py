@@ -146,9 +146,10 @@ def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -
     written = tokenizer.save_model(directory)
     if os.path.abspath(written[0]) != os.path.abspath(path):
         os.replace(written[0], path)
-    # The trainer orders equally frequent tokens differently from run to run (its counting is
-    # multi-threaded); WordPiece does not depend on the ids, so a canonical order makes the ids,
-    # and everything trained on them, reproducible.
+    # The trainer orders equally frequent tokens differently from run to run; WordPiece does not
+    # depend on the ids, so a canonical order gives equal vocabularies equal ids. (It also breaks
+    # ties between equally frequent merges irreproducibly, so two fresh runs can still differ by a
+    # few tokens; a resumed run reuses its workdir's vocab.txt.)
     with open(path, encoding="utf-8") as f:
         tokens = f.read().splitlines()
     special = [t for t in tokens if t in SPECIAL_TOKENS]
