@@ -109,7 +109,7 @@ def _normal(stddev: float = 0.02):
 
 
 class _Linear(nnx.Linear):
-    def __init__(self, din: int, dout: int, dtype: Any, rngs: nnx.Rngs, stddev: float = 0.02):
+    def __init__(self, din: int, dout: int, dtype: Any, rngs: nnx.Rngs, stddev: float):
         super().__init__(din, dout, dtype=dtype, param_dtype=jnp.float32,
                          kernel_init=_normal(stddev), bias_init=nnx.initializers.zeros, rngs=rngs)
 
@@ -199,7 +199,8 @@ class BertModel(nnx.Module):
         self.encoder = nnx.Module()
         self.encoder.layers = nnx.List([EncoderLayer(config, dtype, rngs)
                                         for _ in range(config.num_layers)])
-        self.pooler = _Linear(config.hidden_size, config.hidden_size, dtype, rngs, config.initializer_range)
+        self.pooler = _Linear(config.hidden_size, config.hidden_size, dtype, rngs,
+                              config.initializer_range)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, dropout_rng=None):
         """Hidden states ``[batch, length, hidden]`` (the pooler is only used by ``pooled``)."""
@@ -238,7 +239,8 @@ class BertForMaskedLM(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.config = config
         self.bert = BertModel(config, dtype, rngs)
-        self.mlm_transform = _Linear(config.hidden_size, config.hidden_size, dtype, rngs, config.initializer_range)
+        self.mlm_transform = _Linear(config.hidden_size, config.hidden_size, dtype, rngs,
+                                     config.initializer_range)
         self.mlm_layer_norm = _layer_norm(config, dtype, rngs)
         self.mlm_bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32))
         self.dtype = dtype

@@ -84,8 +84,6 @@ def split_topics(paragraphs: dict[str, list[str]]) -> tuple[list[str], list[str]
     return [n for n in names if n not in held_out], held_out
 
 
-
-
 def cloze_examples(topic: str, paragraphs: list[str], rng: np.random.Generator,
                    per_sentence: int = 1) -> list[Example]:
     """Cloze questions (see the module docstring) for every usable sentence of ``paragraphs``."""
@@ -172,8 +170,7 @@ def mlm_sequences(lines: list[str], tokenizer, max_seq_length: int) -> np.ndarra
 
 def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mask_id: int,
                 special_ids: tuple[int, ...], pad_id: int, max_predictions: int,
-                mask_rate: float = 0.15,
-                token_type_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                mask_rate: float = 0.15) -> dict[str, np.ndarray]:
     """BERT's masking: 15% of the tokens are predicted; of those 80% become [MASK], 10% a random
     token, 10% stay. Returns model inputs, ``masked_positions``, ``masked_ids``, ``masked_weights``."""
     batch, length = rows.shape
@@ -192,7 +189,6 @@ def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mas
                 input_ids[b, t] = mask_id
             elif draw < 0.9:
                 input_ids[b, t] = rng.integers(len(special_ids), vocab_size)
-    types = np.zeros_like(rows) if token_type_ids is None else token_type_ids
-    return {"input_ids": input_ids, "token_type_ids": types,
+    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(rows),
             "attention_mask": (rows != pad_id).astype(np.int32), "masked_positions": positions,
             "masked_ids": targets, "masked_weights": weights}

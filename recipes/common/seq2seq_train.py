@@ -717,16 +717,14 @@ def export_onnx(model_cfg, params, length: int, path: str) -> None:
     """Writes the teacher-forced forward pass to ONNX: inputs ``src_tokens`` and
     ``prev_output_tokens`` (int32 ``[1, length]``, padded), output the next-token logits; float32
     (TensorRT picks its own precision). Beam search stays outside the graph."""
-    import dataclasses as dc
-
     import jax
     from flax import nnx
 
     import sparse_jax.export  # needs the export extra (jax2onnx)
     from recipes.common import transformer
 
-    graphdef, _ = nnx.split(transformer.Transformer(dc.replace(model_cfg, dtype="float32"),
-                                                    rngs=nnx.Rngs(0)), nnx.Param)
+    float32_cfg = dataclasses.replace(model_cfg, dtype="float32")
+    graphdef, _ = nnx.split(transformer.Transformer(float32_cfg, rngs=nnx.Rngs(0)), nnx.Param)
     model = nnx.merge(graphdef, jax.device_get(params))
     example = jax.ShapeDtypeStruct((1, length), np.int32)
     sparse_jax.export.to_onnx(model, [example, example], path,

@@ -11,9 +11,10 @@ Built in (no download): English sentences from the Python documentation that Pyt
 (``pydoc_data.topics``), "translated" into a made-up target language: the same text with every
 ASCII letter ROT13-enciphered (``a``<->``n``, ``b``<->``o``, ...; ``"Hello, world!"`` ->
 ``"Uryyb, jbeyq!"``). It is a deterministic letter cipher of English, not a natural language:
-the joint BPE model segments both sides alike, so a model has to learn a piece-to-piece mapping
-(about a thousand of them) and to follow the source, which makes the dense / one-shot /
-retrained comparison meaningful on a CPU in minutes; its BLEU is not comparable to WMT BLEU.
+one joint BPE model cuts both sides into pieces (not always at the same places), so a model has
+to learn the mapping between the two sides' pieces and to follow the source, which makes the
+dense / one-shot / retrained comparison meaningful on a CPU in minutes; its BLEU is not
+comparable to WMT BLEU.
 (A harder variant that also swapped adjacent words reached only ~30 BLEU in the same budget.)
 
 Sentences become ``sentencepiece`` pieces of one joint BPE model trained on both sides of the
