@@ -171,15 +171,20 @@ class ResNet(nnx.Module):
                              bias_init=torch_linear_init(in_features), dtype=dtype,
                              param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, x, train: bool = False):
-        """Maps NHWC images to float32 logits; ``train`` uses and updates batch statistics."""
+    def features(self, x, train: bool = False, num_stages: int = 4):
+        """The stem and the first ``num_stages`` stages: an NHWC feature map (detection
+        backbones, such as SSD's, stop after ``layer3``)."""
         x = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
         if self.stem == "imagenet":
             x = max_pool_3x3(x, stride=2)
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:num_stages]:
             for block in stage:
                 x = block(x, train)
-        x = jnp.mean(x, axis=(1, 2))
+        return x
+
+    def __call__(self, x, train: bool = False):
+        """Maps NHWC images to float32 logits; ``train`` uses and updates batch statistics."""
+        x = jnp.mean(self.features(x, train), axis=(1, 2))
         return self.fc(x).astype(jnp.float32)
 
 

@@ -1,0 +1,311 @@
+"""COCO 2017 detection data with grain: a directory loader and SSD's augmentation.
+
+The directory is COCO's own layout (a download of COCO 2017, or the built-in digits set of
+``digits_detection``)::
+
+    <data_dir>/train2017/*.jpg   <data_dir>/val2017/*.jpg
+    <data_dir>/annotations/instances_train2017.json   instances_val2017.json
+
+`CocoDetectionSource` reads one split: per image its path, id, size, its non-crowd boxes (corners
+in pixels) and their contiguous labels (COCO category ids sorted, mapped to 1..C; 0 is the
+background). Training skips images without boxes (as NVIDIA's loader does).
+
+Training augmentation (`ssd_train_transform`), after the original SSD (Liu et al. 2016) with
+NVIDIA's SSD300 v1.1 settings:
+
+1. **expand** (zoom out, the original SSD's): with probability 0.5 the image is placed at a
+   random position on a canvas 1..4 times its size filled with the mean pixel;
+2. **random IoU crop** (NVIDIA's ``SSDCropping``): pick one of {whole image, minimum IoU 0.1,
+   0.3, 0.5, 0.7, 0.9, any}; try a crop of 0.3..1 of each side (aspect 0.5..2) whose IoU with
+   every box is above the minimum and that holds at least one box centre; keep the boxes whose
+   centres lie inside, clipped to the crop; pick again when the try fails;
+3. **horizontal flip** with probability 0.5;
+4. **resize** to ``image_size`` x ``image_size`` (bilinear, aspect ratio not kept);
+5. **photometric distortion** (NVIDIA's ``ColorJitter(brightness=0.125, contrast=0.5,
+   saturation=0.5, hue=0.05)``): the four in random order.
+
+Boxes leave as corners relative to the image ([0, 1]), padded to ``max_boxes`` rows (label 0);
+images as uint8 HWC (normalised on the accelerator, ImageNet mean and std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from recipes.common import boxes as box_ops
+
+# NVIDIA's SSDCropping: None = keep the whole image; (min IoU, max IoU), None = unbounded.
+CROP_OPTIONS = (None, (0.1, None), (0.3, None), (0.5, None), (0.7, None), (0.9, None),
+                (None, None))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """SSD's augmentation settings (see the module docstring)."""
+
+    expand_probability: float = 0.5
+    max_expand_ratio: float = 4.0
+    crop: bool = True
+    flip_probability: float = 0.5
+    brightness: float = 0.125
+    contrast: float = 0.5
+    saturation: float = 0.5
+    hue: float = 0.05
+
+
+class CocoDetectionSource:
+    """One split of a COCO-layout directory as a random-access source of records.
+
+    Records: ``{"path", "image_id", "height", "width", "boxes" (n, 4) float32 corner pixels,
+    "labels" (n,) int32 in 1..C}``.
+
+    Attributes:
+        category_ids: COCO category id of each label (``category_ids[label - 1]``).
+        category_names: their names.
+    """
+
+    def __init__(self, data_dir: str, split: str, *, skip_empty: bool = False):
+        self.annotation_file = os.path.join(data_dir, "annotations", f"instances_{split}.json")
+        self.image_dir = os.path.join(data_dir, split)
+        for path, what in ((self.annotation_file, "file"), (self.image_dir, "directory")):
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"COCO {what} {path!r} does not exist; expected {data_dir}/{split}/ and "
+                    f"{data_dir}/annotations/instances_{split}.json (COCO 2017 layout)")
+        with open(self.annotation_file) as f:
+            coco = json.load(f)
+        for key in ("images", "annotations", "categories"):
+            if key not in coco:
+                raise ValueError(f"{self.annotation_file}: not a COCO instances file (no {key!r})")
+        categories = sorted(coco["categories"], key=lambda c: c["id"])
+        self.category_ids = [int(c["id"]) for c in categories]
+        self.category_names = [str(c["name"]) for c in categories]
+        label_of = {cid: label + 1 for label, cid in enumerate(self.category_ids)}
+        objects: dict[int, list[tuple[list[float], int]]] = {}
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            if ann.get("iscrowd", 0) or w < 1 or h < 1:
+                continue
+            if ann["category_id"] not in label_of:
+                raise ValueError(f"{self.annotation_file}: annotation {ann.get('id')} has category "
+                                 f"{ann['category_id']}, not among the file's categories")
+            objects.setdefault(ann["image_id"], []).append(
+                ([x, y, x + w, y + h], label_of[ann["category_id"]]))
+        self.records = []
+        for image in sorted(coco["images"], key=lambda i: i["id"]):
+            found = objects.get(image["id"], [])
+            if skip_empty and not found:
+                continue
+            self.records.append({
+                "path": os.path.join(self.image_dir, image["file_name"]),
+                "image_id": int(image["id"]), "height": int(image["height"]),
+                "width": int(image["width"]),
+                "boxes": np.asarray([b for b, _ in found], np.float32).reshape(-1, 4),
+                "labels": np.asarray([label for _, label in found], np.int32)})
+        if not self.records:
+            raise ValueError(f"{self.annotation_file}: no images"
+                             + (" with boxes" if skip_empty else ""))
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background."""
+        return len(self.category_ids) + 1
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]
+
+
+def _open_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+
+
+def expand(pixels: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
+           max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Zoom out: the image on a canvas ``ratio`` times larger (mean pixel fill); boxes relative."""
+    height, width = pixels.shape[:2]
+    ratio = rng.uniform(1.0, max_ratio)
+    new_h, new_w = int(height * ratio), int(width * ratio)
+    top, left = int(rng.integers(0, new_h - height + 1)), int(rng.integers(0, new_w - width + 1))
+    canvas = np.empty((new_h, new_w, 3), np.uint8)
+    canvas[:] = np.round(np.asarray(IMAGENET_MEAN) * 255).astype(np.uint8)
+    canvas[top:top + height, left:left + width] = pixels
+    scale = np.asarray([width, height, width, height], np.float32)
+    offset = np.asarray([left, top, left, top], np.float32)
+    new_scale = np.asarray([new_w, new_h, new_w, new_h], np.float32)
+    return canvas, (boxes * scale + offset) / new_scale
+
+
+def random_iou_crop(pixels: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                    rng: np.random.Generator, max_tries: int = 100):
+    """NVIDIA's SSDCropping on relative corner boxes; returns ``(pixels, boxes, labels)``.
+
+    ``max_tries`` bounds the number of option draws (NVIDIA draws until one succeeds, which
+    "whole image" always does); after that the image is returned as is.
+    """
+    height, width = pixels.shape[:2]
+    for _ in range(max_tries):
+        option = CROP_OPTIONS[int(rng.integers(len(CROP_OPTIONS)))]
+        if option is None:
+            break
+        min_iou = -math.inf if option[0] is None else option[0]
+        max_iou = math.inf if option[1] is None else option[1]
+        w, h = rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)
+        if not 0.5 <= w / h <= 2.0:
+            continue
+        left, top = rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h)
+        crop = np.asarray([[left, top, left + w, top + h]], np.float32)
+        iou = box_ops.pairwise_iou(boxes, crop)[:, 0]
+        if not np.all((iou > min_iou) & (iou < max_iou)):
+            continue
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inside = np.all((centres > crop[0, :2]) & (centres < crop[0, 2:]), axis=1)
+        if not inside.any():
+            continue
+        kept = np.clip(boxes[inside], crop[0, [0, 1, 0, 1]], crop[0, [2, 3, 2, 3]])
+        kept = (kept - crop[0, [0, 1, 0, 1]]) / np.asarray([w, h, w, h], np.float32)
+        left_px, top_px = int(left * width), int(top * height)
+        right_px, bottom_px = int((left + w) * width), int((top + h) * height)
+        return (pixels[top_px:bottom_px, left_px:right_px], kept.astype(np.float32),
+                labels[inside])
+    return pixels, boxes, labels
+
+
+def _grayscale(image: np.ndarray) -> np.ndarray:
+    return image @ np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def _shift_hue(image: np.ndarray, shift: float) -> np.ndarray:
+    from PIL import Image
+
+    hsv = np.asarray(Image.fromarray(np.clip(np.round(image), 0, 255).astype(np.uint8))
+                     .convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(round(shift * 255))) % 256
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), np.float32)
+
+
+def photometric_distort(pixels: np.ndarray, rng: np.random.Generator,
+                        aug: Augmentation) -> np.ndarray:
+    """torchvision's ColorJitter semantics: brightness, contrast, saturation, hue, random order."""
+    image = pixels.astype(np.float32)
+    for op in rng.permutation(4):
+        if op == 0 and aug.brightness > 0:
+            image = image * rng.uniform(1 - aug.brightness, 1 + aug.brightness)
+        elif op == 1 and aug.contrast > 0:
+            mean = _grayscale(np.clip(image, 0, 255)).mean()
+            image = (image - mean) * rng.uniform(1 - aug.contrast, 1 + aug.contrast) + mean
+        elif op == 2 and aug.saturation > 0:
+            gray = _grayscale(np.clip(image, 0, 255))[..., None]
+            image = (image - gray) * rng.uniform(1 - aug.saturation, 1 + aug.saturation) + gray
+        elif op == 3 and aug.hue > 0:
+            image = _shift_hue(image, rng.uniform(-aug.hue, aug.hue))
+        image = np.clip(image, 0, 255)
+    return np.round(image).astype(np.uint8)
+
+
+def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int):
+    """Fixed-size rows for batching: the first ``max_boxes`` boxes, then zeros (label 0)."""
+    out_boxes = np.zeros((max_boxes, 4), np.float32)
+    out_labels = np.zeros((max_boxes,), np.int32)
+    count = min(len(boxes), max_boxes)
+    out_boxes[:count], out_labels[:count] = boxes[:count], labels[:count]
+    return out_boxes, out_labels
+
+
+def ssd_train_transform(record: dict[str, Any], rng: np.random.Generator, *, image_size: int,
+                        max_boxes: int, aug: Augmentation = Augmentation()) -> dict[str, np.ndarray]:
+    """Decode, expand, random IoU crop, flip, resize, photometric distortion (module docstring)."""
+    pixels = _open_rgb(record["path"])
+    height, width = pixels.shape[:2]
+    boxes = record["boxes"] / np.asarray([width, height, width, height], np.float32)
+    labels = record["labels"]
+    if rng.random() < aug.expand_probability:
+        pixels, boxes = expand(pixels, boxes, rng, aug.max_expand_ratio)
+    if aug.crop:
+        pixels, boxes, labels = random_iou_crop(pixels, boxes, labels, rng)
+    if rng.random() < aug.flip_probability:
+        pixels = pixels[:, ::-1]
+        boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+    pixels = photometric_distort(_resize(np.ascontiguousarray(pixels), image_size), rng, aug)
+    boxes, labels = pad_boxes(boxes.astype(np.float32), labels, max_boxes)
+    return {"image": pixels, "boxes": boxes, "labels": labels}
+
+
+def ssd_eval_transform(record: dict[str, Any], *, image_size: int) -> dict[str, np.ndarray]:
+    """Decode and resize; keeps the image id and original size (detections go back to it)."""
+    return {"image": _resize(_open_rgb(record["path"]), image_size),
+            "image_id": np.int64(record["image_id"]),
+            "size": np.asarray([record["height"], record["width"]], np.int32)}
+
+
+def train_iterator(source: CocoDetectionSource, *, image_size: int, max_boxes: int,
+                   batch_size: int, seed: int, aug: Augmentation = Augmentation(),
+                   num_workers: int = 0):
+    """An endless, checkpointable grain iterator of augmented training batches.
+
+    Each epoch is reshuffled; every record's augmentation randomness comes from ``seed`` and its
+    position in the stream, so a restored iterator (``set_state``) continues identically.
+    """
+    import functools
+
+    import grain
+
+    from recipes.common import input_pipeline
+
+    transform = functools.partial(ssd_train_transform, image_size=image_size,
+                                  max_boxes=max_boxes, aug=aug)
+    dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+               .random_map(transform, seed=seed + 1)
+               .batch(batch_size, drop_remainder=True))
+    iterator_dataset = dataset.to_iter_dataset()
+    if num_workers > 0:
+        iterator_dataset = iterator_dataset.mp_prefetch(
+            input_pipeline._multiprocessing_options(num_workers))
+    return iter(iterator_dataset)
+
+
+def eval_batches(source: CocoDetectionSource, *, image_size: int, batch_size: int,
+                 max_images: int = -1, num_workers: int = 0):
+    """Every (or the first ``max_images``) image in batches of ``batch_size``; the last batch is
+    padded with blank images whose ``mask`` is 0."""
+    import functools
+
+    import grain
+
+    from recipes.common import input_pipeline
+
+    dataset = grain.MapDataset.source(source)
+    if max_images > 0:
+        dataset = dataset[:max_images]
+    dataset = dataset.map(functools.partial(ssd_eval_transform, image_size=image_size))
+    dataset = dataset.batch(batch_size, drop_remainder=False).to_iter_dataset()
+    if num_workers > 0:
+        dataset = dataset.mp_prefetch(input_pipeline._multiprocessing_options(num_workers))
+    for batch in dataset:
+        count = len(batch["image_id"])
+        pad = batch_size - count
+        batch = {key: np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)])
+                 for key, value in batch.items()}
+        batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
+        yield batch

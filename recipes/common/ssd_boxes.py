@@ -1,0 +1,230 @@
+"""SSD's box machinery: default boxes, encoding, matching, the loss and post-processing.
+
+Follows NVIDIA's SSD300 v1.1 (DeepLearningExamples, PyTorch/Detection/SSD), which follows Liu et
+al. 2016 ("SSD: Single Shot MultiBox Detector"); figures quoted from there, code written here.
+
+* **Default boxes** (`default_boxes`): on a feature map of ``f x f`` cells with step ``s`` (in
+  input pixels), cell ``(i, j)`` has centres ``((j + 0.5) s / S, (i + 0.5) s / S)`` for an input
+  of ``S`` pixels, and boxes of relative size ``(sk, sk)``, ``(sqrt(sk sk'), sqrt(sk sk'))`` and
+  ``(sk sqrt(a), sk / sqrt(a))``, ``(sk / sqrt(a), sk sqrt(a))`` for every aspect ratio ``a``
+  of the map, where ``sk = scale_k / S`` and ``sk' = scale_{k+1} / S``. SSD300: feature maps
+  38, 19, 10, 5, 3, 1; steps 8, 16, 32, 64, 100, 300; scales 21, 45, 99, 153, 207, 261, 315;
+  aspect ratios {2}, {2, 3}, {2, 3}, {2, 3}, {2}, {2}: 4, 6, 6, 6, 4, 4 boxes per cell, 8732 in
+  all. Every coordinate ``(cx, cy, w, h)`` is clipped to [0, 1], as NVIDIA's ``DefaultBoxes``
+  does. Boxes are ordered map by map, then row, column, box (the order of an NHWC head's
+  output reshaped to ``(N, H * W * boxes, 4)``).
+* **Encoding** (`encode`, `decode`): offsets ``((cx - dcx) / (0.1 dw), (cy - dcy) / (0.1 dh),
+  log(w / dw) / 0.2, log(h / dh) / 0.2)`` against a default box ``(dcx, dcy, dw, dh)``.
+* **Matching** (`match`): every default box takes the ground truth it overlaps most; every
+  ground truth also claims the default box it overlaps most (IoU set to 2, so it always
+  counts); default boxes whose IoU exceeds 0.5 are positives, the others background (label 0).
+* **Loss** (`ssd_loss`): per image, Smooth L1 on the positives' offsets plus cross-entropy on the
+  positives and on the ``3 x positives`` negatives of highest cross-entropy (hard negative
+  mining), divided by the number of positives; averaged over the images that have positives.
+* **Post-processing** (`postprocess`): softmax scores, per class: scores above 0.05, the best 200,
+  NMS at IoU 0.45 (``boxes.batched_nms``); the best 200 detections of the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from recipes.common import boxes as box_ops
+
+VARIANCES = (0.1, 0.2)  # center, size: NVIDIA's scale_xy = 1 / 0.1, scale_wh = 1 / 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultBoxSpec:
+    """Where the default boxes go; the defaults are SSD300's (NVIDIA's ``dboxes300_coco``)."""
+
+    image_size: int = 300
+    feature_sizes: tuple[int, ...] = (38, 19, 10, 5, 3, 1)
+    steps: tuple[float, ...] = (8, 16, 32, 64, 100, 300)
+    scales: tuple[float, ...] = (21, 45, 99, 153, 207, 261, 315)  # pixels; one more than maps
+    aspect_ratios: tuple[tuple[float, ...], ...] = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+    def __post_init__(self):
+        maps = len(self.feature_sizes)
+        if not (len(self.steps) == len(self.aspect_ratios) == maps == len(self.scales) - 1):
+            raise ValueError(f"default boxes: {maps} feature maps need as many steps "
+                             f"({len(self.steps)}) and aspect-ratio sets "
+                             f"({len(self.aspect_ratios)}) and one more scale "
+                             f"({len(self.scales)})")
+
+    @property
+    def boxes_per_location(self) -> tuple[int, ...]:
+        return tuple(2 + 2 * len(ratios) for ratios in self.aspect_ratios)
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(f * f * b for f, b in zip(self.feature_sizes, self.boxes_per_location))
+
+
+def default_boxes(spec: DefaultBoxSpec = DefaultBoxSpec()) -> np.ndarray:
+    """The default boxes ``(num_boxes, 4)`` as clipped ``(cx, cy, w, h)`` in [0, 1], float32."""
+    out = []
+    for k, (size, step) in enumerate(zip(spec.feature_sizes, spec.steps)):
+        cells_per_image = spec.image_size / step
+        small = spec.scales[k] / spec.image_size
+        large = spec.scales[k + 1] / spec.image_size
+        shapes = [(small, small), (math.sqrt(small * large),) * 2]
+        for ratio in spec.aspect_ratios[k]:
+            w, h = small * math.sqrt(ratio), small / math.sqrt(ratio)
+            shapes += [(w, h), (h, w)]
+        shapes = np.asarray(shapes)  # (boxes, 2)
+        centres = (np.arange(size) + 0.5) / cells_per_image
+        cy, cx = np.meshgrid(centres, centres, indexing="ij")  # rows i (y), columns j (x)
+        grid = np.stack([cx, cy], -1)[:, :, None, :]  # (size, size, 1, 2)
+        per_map = np.concatenate([np.broadcast_to(grid, (size, size, len(shapes), 2)),
+                                  np.broadcast_to(shapes, (size, size, len(shapes), 2))], -1)
+        out.append(per_map.reshape(-1, 4))
+    return np.clip(np.concatenate(out), 0.0, 1.0).astype(np.float32)
+
+
+def encode(boxes_cxcywh, defaults_cxcywh, variances: Sequence[float] = VARIANCES):
+    """Offsets of ``boxes`` from their default boxes (both ``(..., 4)`` centre-size)."""
+    xp = box_ops._xp(boxes_cxcywh, defaults_cxcywh)
+    centre = (boxes_cxcywh[..., :2] - defaults_cxcywh[..., :2]) / (
+        variances[0] * defaults_cxcywh[..., 2:])
+    size = xp.log(boxes_cxcywh[..., 2:] / defaults_cxcywh[..., 2:]) / variances[1]
+    return xp.concatenate([centre, size], axis=-1)
+
+
+def decode(offsets, defaults_cxcywh, variances: Sequence[float] = VARIANCES):
+    """The inverse of `encode`: centre-size boxes from offsets and their default boxes."""
+    xp = box_ops._xp(offsets, defaults_cxcywh)
+    centre = offsets[..., :2] * variances[0] * defaults_cxcywh[..., 2:] + defaults_cxcywh[..., :2]
+    size = xp.exp(offsets[..., 2:] * variances[1]) * defaults_cxcywh[..., 2:]
+    return xp.concatenate([centre, size], axis=-1)
+
+
+def match(gt_boxes: jax.Array, gt_labels: jax.Array, defaults_cxcywh: jax.Array,
+          threshold: float = 0.5) -> tuple[jax.Array, jax.Array]:
+    """Assigns ground truth to default boxes (one image; ``jit``/``vmap`` friendly).
+
+    Args:
+        gt_boxes: ``(G, 4)`` corner boxes in [0, 1]; rows whose label is 0 are padding.
+        gt_labels: ``(G,)`` int, 1.. for objects, 0 for padding.
+        defaults_cxcywh: ``(D, 4)`` default boxes.
+        threshold: a default box whose best IoU exceeds it is a positive.
+
+    Returns:
+        ``(boxes, labels)``: per default box, the corner box of its ground truth (its own box
+        when it is background) and its label (0: background). A ground truth claims its best
+        default box even below the threshold; when two claim the same one, the later wins.
+    """
+    num_defaults = defaults_cxcywh.shape[0]
+    defaults_xyxy = box_ops.cxcywh_to_xyxy(defaults_cxcywh)
+    valid = gt_labels > 0
+    iou = jnp.where(valid[:, None], box_ops.pairwise_iou(gt_boxes, defaults_xyxy), -1.0)
+    best_gt = jnp.argmax(iou, axis=0)  # (D,)
+    best_gt_iou = jnp.max(iou, axis=0)
+    best_default = jnp.argmax(iou, axis=1)  # (G,)
+    claims = jnp.where(valid, best_default, num_defaults)  # padding claims nothing (dropped)
+    claimant = jnp.full((num_defaults,), -1, jnp.int32).at[claims].max(
+        jnp.arange(gt_labels.shape[0], dtype=jnp.int32), mode="drop")
+    best_gt = jnp.where(claimant >= 0, claimant, best_gt)
+    best_gt_iou = jnp.where(claimant >= 0, 2.0, best_gt_iou)
+    positive = best_gt_iou > threshold
+    labels = jnp.where(positive, gt_labels[best_gt], 0)
+    boxes = jnp.where(positive[:, None], gt_boxes[best_gt], defaults_xyxy)
+    return boxes, labels.astype(jnp.int32)
+
+
+def encode_targets(gt_boxes, gt_labels, defaults_cxcywh, threshold: float = 0.5):
+    """`match` then `encode`, batched: ``(B, G, 4), (B, G) -> (B, D, 4) offsets, (B, D) labels``."""
+    boxes, labels = jax.vmap(match, in_axes=(0, 0, None, None))(
+        gt_boxes, gt_labels, defaults_cxcywh, threshold)
+    return encode(box_ops.xyxy_to_cxcywh(boxes), defaults_cxcywh[None]), labels
+
+
+def hard_negatives(confidence_loss: jax.Array, positive: jax.Array, ratio: int = 3) -> jax.Array:
+    """The ``ratio x positives`` background boxes of highest loss, per image (``(B, D)`` bool).
+
+    Positives rank as if their loss were 0 (NVIDIA's ranking); ties keep the lower index.
+    """
+    background_loss = jnp.where(positive, 0.0, confidence_loss)
+    order = jnp.argsort(-background_loss, axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1, stable=True)
+    num_negatives = jnp.minimum(ratio * jnp.sum(positive, axis=1, keepdims=True),
+                                positive.shape[1])
+    return (rank < num_negatives) & ~positive
+
+
+def smooth_l1(x: jax.Array) -> jax.Array:
+    """torch's SmoothL1Loss (beta 1), elementwise."""
+    absolute = jnp.abs(x)
+    return jnp.where(absolute < 1.0, 0.5 * x * x, absolute - 0.5)
+
+
+def ssd_loss(pred_offsets: jax.Array, logits: jax.Array, target_offsets: jax.Array,
+             target_labels: jax.Array, negative_ratio: int = 3) -> dict[str, jax.Array]:
+    """NVIDIA's SSD loss for a batch, float32.
+
+    Args:
+        pred_offsets, target_offsets: ``(B, D, 4)``; logits ``(B, D, classes)`` with class 0
+            background; target_labels ``(B, D)``.
+
+    Returns:
+        ``{"loss", "box_loss", "class_loss", "positives"}``: the loss averaged over the batch
+        (images without a positive count 0), its two parts, and the mean number of positives.
+    """
+    pred_offsets = pred_offsets.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    positive = target_labels > 0
+    num_positive = jnp.sum(positive, axis=1).astype(jnp.float32)
+    box = jnp.sum(jnp.sum(smooth_l1(pred_offsets - target_offsets), -1) * positive, axis=1)
+    confidence = optax.softmax_cross_entropy_with_integer_labels(logits, target_labels)
+    selected = positive | hard_negatives(jax.lax.stop_gradient(confidence), positive,
+                                         negative_ratio)
+    classification = jnp.sum(confidence * selected, axis=1)
+    weight = jnp.where(num_positive > 0, 1.0 / jnp.maximum(num_positive, 1e-6), 0.0)
+    return {"loss": jnp.mean((box + classification) * weight),
+            "box_loss": jnp.mean(box * weight), "class_loss": jnp.mean(classification * weight),
+            "positives": jnp.mean(num_positive)}
+
+
+def decode_batch(pred_offsets: jax.Array, logits: jax.Array, defaults_cxcywh: jax.Array):
+    """Corner boxes in [0, 1] (not clipped) and softmax scores: ``(B, D, 4), (B, D, classes)``."""
+    boxes = box_ops.cxcywh_to_xyxy(decode(pred_offsets.astype(jnp.float32), defaults_cxcywh[None]))
+    return boxes, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def postprocess(boxes_xyxy: np.ndarray, scores: np.ndarray, *, score_threshold: float = 0.05,
+                iou_threshold: float = 0.45, max_per_class: int = 200,
+                max_detections: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's detections from decoded boxes ``(D, 4)`` and scores ``(D, classes)``.
+
+    Per class (background excluded): the boxes scoring above ``score_threshold``, at most the
+    ``max_per_class`` best; NMS within each class at ``iou_threshold``; the ``max_detections``
+    best overall.
+
+    Returns:
+        ``(boxes (K, 4), scores (K,), labels (K,))``, best score first; labels are 1-based.
+    """
+    boxes_xyxy, scores = np.asarray(boxes_xyxy), np.asarray(scores)
+    if boxes_xyxy.ndim != 2 or scores.ndim != 2 or boxes_xyxy.shape[0] != scores.shape[0]:
+        raise ValueError(f"expected boxes (D, 4) and scores (D, classes), got {boxes_xyxy.shape} "
+                         f"and {scores.shape}")
+    candidates = []
+    for label in range(1, scores.shape[1]):
+        index = np.flatnonzero(scores[:, label] > score_threshold)
+        if index.size > max_per_class:
+            index = index[np.argsort(-scores[index, label], kind="stable")[:max_per_class]]
+        candidates.append((index, np.full(index.size, label)))
+    if not candidates:  # no class besides the background
+        return np.zeros((0, 4), boxes_xyxy.dtype), np.zeros((0,), scores.dtype), np.zeros((0,), np.int64)
+    index = np.concatenate([c[0] for c in candidates]).astype(np.int64)
+    labels = np.concatenate([c[1] for c in candidates]).astype(np.int64)
+    candidate_scores = scores[index, labels]
+    keep = box_ops.batched_nms(boxes_xyxy[index], candidate_scores, labels, iou_threshold,
+                               max_detections)
+    return boxes_xyxy[index[keep]], candidate_scores[keep], labels[keep]
