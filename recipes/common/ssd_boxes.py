@@ -211,7 +211,8 @@ def postprocess(boxes_xyxy: np.ndarray, scores: np.ndarray, *, score_threshold: 
         ``(boxes (K, 4), scores (K,), labels (K,))``, best score first; labels are 1-based.
     """
     boxes_xyxy, scores = np.asarray(boxes_xyxy), np.asarray(scores)
-    if boxes_xyxy.ndim != 2 or scores.ndim != 2 or boxes_xyxy.shape[0] != scores.shape[0]:
+    if (boxes_xyxy.ndim != 2 or boxes_xyxy.shape[1] != 4 or scores.ndim != 2
+            or boxes_xyxy.shape[0] != scores.shape[0]):
         raise ValueError(f"expected boxes (D, 4) and scores (D, classes), got {boxes_xyxy.shape} "
                          f"and {scores.shape}")
     candidates = []
