@@ -59,6 +59,8 @@ class MaskRCNNConfig:
     box_batch_size_per_image: int = 512
     detections_per_img: int = 100
     compute_dtype: str = "bfloat16"
+    fast_compile: bool = False  # CPU: XLA backend optimisation level 0 (compiles in about half
+    # the time; for the smoke run and the built-in default, whose steps are small)
     # Data.
     data_dir: str | None = None  # COCO 2017 layout; None: the built-in digits set
     train_min_sizes: tuple[int, ...] = (800,)  # torchvision v1: 800; multi-scale: 480..800
@@ -152,7 +154,7 @@ def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
         max_size=64, canvas=(64, 64), max_boxes=4, batch_size=2, eval_batch_size=8,
         num_train_steps=3, warmup_steps=1, lr_step_epochs=(), log_every_steps=1,
         checkpoint_every_steps=2, max_eval_images=8, builtin_train_images=16,
-        builtin_val_images=8, control=True, progress_bar=False)
+        builtin_val_images=8, control=True, progress_bar=False, fast_compile=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +272,13 @@ def normalize(images, image_hw, dtype):
     return (x * (rows & cols)[..., None]).astype(dtype)
 
 
-def make_train_step(graphdef, tx, mesh) -> Callable:
+def _compiler_options(config: MaskRCNNConfig, mesh) -> dict[str, Any]:
+    if config.fast_compile and mesh.devices.flat[0].platform == "cpu":
+        return {"compiler_options": {"xla_backend_optimization_level": 0}}
+    return {}
+
+
+def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
     """A jitted ``(state, batch, step, seed) -> (state, metrics)``, data parallel over ``mesh``;
     the sampling randomness comes from ``seed`` and ``step`` (a resumed run repeats it)."""
     import jax
@@ -299,10 +307,10 @@ def make_train_step(graphdef, tx, mesh) -> Callable:
 
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(train_step, in_shardings=(replicated, data, replicated, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+                   out_shardings=(replicated, replicated), donate_argnums=0, **jit_options)
 
 
-def make_inference_fns(graphdef, mesh):
+def make_inference_fns(graphdef, **jit_options):
     """Jitted ``boxes(params, stats, images, image_hw)`` and ``masks(params, stats, features,
     boxes, labels)`` (`maskrcnn.detect_boxes`, `maskrcnn.detect_masks`)."""
     import jax
@@ -310,13 +318,13 @@ def make_inference_fns(graphdef, mesh):
 
     from recipes.common import maskrcnn
 
-    @jax.jit
+    @functools.partial(jax.jit, **jit_options)
     def boxes_fn(params, batch_stats, images, image_hw):
         model = nnx.merge(graphdef, params, batch_stats)
         return maskrcnn.detect_boxes(model, normalize(images, image_hw, model.config.dtype),
                                      image_hw)
 
-    @jax.jit
+    @functools.partial(jax.jit, **jit_options)
     def masks_fn(params, batch_stats, features, boxes, labels):
         return maskrcnn.detect_masks(nnx.merge(graphdef, params, batch_stats), features, boxes,
                                      labels)
@@ -329,10 +337,19 @@ def make_inference_fns(graphdef, mesh):
 # ---------------------------------------------------------------------------------------------
 
 
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+    """Binary ``(D, H, W)`` masks as COCO compressed RLEs (``counts`` a string)."""
+    from pycocotools import mask as mask_util
+
+    rles = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
 def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_config):
     """COCO result records (boxes and RLE masks on the original images) for the val split."""
     import jax
-    from pycocotools import mask as mask_util
 
     from recipes.common import boxes as box_ops
     from recipes.common import coco_eval, maskrcnn, maskrcnn_data, rcnn_ops
@@ -364,10 +381,7 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
             resized_h, resized_w = (int(v) for v in batch["image_hw"][i])
             scale = np.asarray([width / resized_w, height / resized_h] * 2, np.float32)
             b = b * scale
-            pasted = rcnn_ops.paste_masks(probs[i, :len(b)], b, (height, width)) > 0.5
-            rles = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in pasted]
-            for rle in rles:
-                rle["counts"] = rle["counts"].decode("ascii")
+            rles = encode_masks(rcnn_ops.paste_masks(probs[i, :len(b)], b, (height, width)) > 0.5)
             category_ids = [data.val.category_ids[int(label) - 1] for label in lab]
             records += coco_eval.detection_records([int(batch["image_id"][i])] * len(b),
                                                    category_ids, box_ops.xyxy_to_xywh(b), s, rles)
@@ -453,7 +467,8 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
     # Dense training and the control share one compiled step (the seed is an argument).
     step_key = ("masks" in state, total_steps)
     if step_key not in wf.train_steps:
-        wf.train_steps[step_key] = make_train_step(wf.graphdef, tx, wf.mesh)
+        wf.train_steps[step_key] = make_train_step(wf.graphdef, tx, wf.mesh,
+                                                   **_compiler_options(config, wf.mesh))
     train_step = wf.train_steps[step_key]
     schedule = learning_rate_schedule(config, total_steps)
     step, started, pending = progress["step"], time.time() - progress["seconds"], []
@@ -547,7 +562,7 @@ def train_and_evaluate(config: MaskRCNNConfig, workdir: str, *, resume: bool = F
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
     log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     wf = Workflow(config, model_config, workdir, mesh, data, graphdef,
-                  make_inference_fns(graphdef, mesh), log)
+                  make_inference_fns(graphdef, **_compiler_options(config, mesh)), log)
     steps = phase_num_steps(config, len(data.train))
     num_params = sum(int(x.size) for x in jax.tree.leaves(params))
     wf.print(f"{config.model}: {num_params:,} parameters, {data.name}: {len(data.train):,} train / "
