@@ -262,3 +262,23 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "retrain"))) == ["2", "3"]
     assert "kept dense: backbone/body/conv1/kernel" in out
     assert "| maskrcnn_rn50 | digits_detection | mask |" in out
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    from recipes.common import train as image_train
+
+    args = ["--smoke", "--no-control", "--devices", "1"]
+    full = maskrcnn_train.main("maskrcnn_rn50", "", "", args + ["--workdir", str(tmp_path / "a")])
+    # Killed after the dense phase and one retraining step, then resumed.
+    with pytest.raises(image_train.Interrupted):
+        maskrcnn_train.main("maskrcnn_rn50", "", "", args + [
+            "--workdir", str(tmp_path / "b"), "--set", "interrupt_after_steps=4"])
+    resumed = maskrcnn_train.main("maskrcnn_rn50", "", "", args + [
+        "--workdir", str(tmp_path / "b"), "--resume"])
+    for key in ("dense", "one_shot", "sparse"):
+        assert resumed[key] == full[key], key
+        assert resumed["mask_ap"][key] == full["mask_ap"][key], key
+    phases = lambda d: [(r["phase"], r["step"], r["split"])  # noqa: E731
+                        for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))]
+    assert phases("a") == phases("b")

@@ -449,15 +449,18 @@ def propose(config: ModelConfig, objectness, deltas, anchors: np.ndarray, levels
     return jax.vmap(one_image)(objectness, deltas, image_hw)
 
 
+def _pool(config: ModelConfig, features: list, rois, size: int):
+    """``MultiScaleRoIAlign`` over P2..P5 of ``rois (N, R, 4)``: ``(N * R, size, size, C)``."""
+    n, r = rois.shape[:2]
+    return rcnn_ops.multiscale_roi_align(
+        features[:4], rois.reshape(-1, 4), np.repeat(np.arange(n), r), (size, size),
+        config.sampling_ratio, canonical_scale=config.canonical_scale)
+
+
 def box_head(model: MaskRCNN, features: list, rois):
     """Class logits ``(N, R, C)`` and class-specific deltas ``(N, R, C, 4)`` of ``rois (N, R, 4)``."""
-    config = model.config
     n, r = rois.shape[:2]
-    pooled = rcnn_ops.multiscale_roi_align(
-        features[:4], rois.reshape(-1, 4), np.repeat(np.arange(n), r),
-        (config.box_pool, config.box_pool), config.sampling_ratio,
-        canonical_scale=config.canonical_scale)
-    x = model.roi_heads.box_head(pooled)
+    x = model.roi_heads.box_head(_pool(model.config, features, rois, model.config.box_pool))
     predictor = model.roi_heads.box_predictor
     logits = predictor.cls_score(x).astype(jnp.float32).reshape(n, r, -1)
     deltas = predictor.bbox_pred(x).astype(jnp.float32).reshape(n, r, -1, 4)
@@ -466,12 +469,8 @@ def box_head(model: MaskRCNN, features: list, rois):
 
 def mask_head(model: MaskRCNN, features: list, rois):
     """Mask logits ``(N, R, 28, 28, C)`` of ``rois (N, R, 4)``."""
-    config = model.config
     n, r = rois.shape[:2]
-    x = rcnn_ops.multiscale_roi_align(
-        features[:4], rois.reshape(-1, 4), np.repeat(np.arange(n), r),
-        (config.mask_pool, config.mask_pool), config.sampling_ratio,
-        canonical_scale=config.canonical_scale)
+    x = _pool(model.config, features, rois, model.config.mask_pool)
     for conv in model.roi_heads.mask_head:
         x = nnx.relu(conv(x))
     predictor = model.roi_heads.mask_predictor

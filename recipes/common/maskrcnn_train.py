@@ -122,25 +122,30 @@ def coco_config() -> MaskRCNNConfig:
 
 def builtin_config() -> MaskRCNNConfig:
     """The default: the digits detection set (96x96 canvases, 1..4 digits of 14..40 pixels)
-    with ResNet-50's topology at 1/8 width, trained from scratch in minutes on 2 CPU cores.
+    with ResNet-50-FPN scaled down (one bottleneck per stage, 1/8 width; FPN 32 channels, box
+    head 128, mask head 32), trained from scratch in minutes on 2 CPU cores.
 
     From scratch there are no pretrained statistics for the frozen BatchNorms: their scale and
     bias are trained instead (the last one of each residual branch starting at 0), every stage
     trains, anchors are 16..64 pixels (the digits' sizes) and the RoI level mapping's canonical
-    size is 56 (a quarter of 224, like the images' scale against COCO's). Proposals, sampled
-    RoIs and detections are scaled down with the images. Multi-scale training: short side 80,
-    88 or 96.
+    size is 56 (a quarter of 224, like the images' scale against COCO's). Proposals (300 / 150),
+    sampled RoIs (128) and detections (20) are scaled down with the images. Multi-scale
+    training: short side 80, 88 or 96. The schedule keeps the reference's shape (warm-up, x0.1
+    at 16/26 and 22/26 of each phase) over 300 steps of 8 images, lr 0.08 per 16 images.
+    XLA's CPU backend compiles at optimisation level 0 (half the compile time; these small
+    steps run no slower).
     """
     return MaskRCNNConfig(
-        num_filters=8, fpn_channels=32, representation_size=128, mask_channels=32,
-        trainable_layers=5, train_norm_affine=True, anchor_sizes=(16, 24, 32, 48, 64),
-        canonical_scale=56.0, rpn_pre_nms_top_n_train=300, rpn_pre_nms_top_n_test=150,
-        rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=150, box_batch_size_per_image=128,
-        detections_per_img=20, compute_dtype="float32", train_min_sizes=(80, 88, 96),
-        test_min_size=96, max_size=96, canvas=(96, 96), max_boxes=8, batch_size=8,
-        eval_batch_size=50, learning_rate_per_16=0.04, num_epochs=1.0, lr_step_epochs=(),
-        warmup_steps=50, num_train_steps=250, control=False, log_every_steps=10,
-        checkpoint_every_steps=100, max_eval_images=250)
+        num_filters=8, stage_sizes=(1, 1, 1, 1), fpn_channels=32, representation_size=128,
+        mask_channels=32, trainable_layers=5, train_norm_affine=True,
+        anchor_sizes=(16, 24, 32, 48, 64), canonical_scale=56.0, rpn_pre_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=150,
+        box_batch_size_per_image=128, detections_per_img=20, compute_dtype="float32",
+        fast_compile=True, train_min_sizes=(80, 88, 96), test_min_size=96, max_size=96,
+        canvas=(96, 96), max_boxes=8, batch_size=8, eval_batch_size=50,
+        learning_rate_per_16=0.08, num_epochs=26.0, lr_step_epochs=(16, 22), warmup_steps=50,
+        num_train_steps=300, control=False, log_every_steps=25, checkpoint_every_steps=100,
+        max_eval_images=250)
 
 
 def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
@@ -282,7 +287,6 @@ def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
     """A jitted ``(state, batch, step, seed) -> (state, metrics)``, data parallel over ``mesh``;
     the sampling randomness comes from ``seed`` and ``step`` (a resumed run repeats it)."""
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding
