@@ -54,6 +54,7 @@ class Augmentation:
     expand_probability: float = 0.5
     max_expand_ratio: float = 4.0
     crop: bool = True
+    crop_probability: float = 1.0  # how often the random IoU crop is tried at all
     flip_probability: float = 0.5
     brightness: float = 0.125
     contrast: float = 0.5
@@ -242,7 +243,7 @@ def ssd_train_transform(record: dict[str, Any], rng: np.random.Generator, *, ima
     labels = record["labels"]
     if rng.random() < aug.expand_probability:
         pixels, boxes = expand(pixels, boxes, rng, aug.max_expand_ratio)
-    if aug.crop:
+    if aug.crop and rng.random() < aug.crop_probability:
         pixels, boxes, labels = random_iou_crop(pixels, boxes, labels, rng)
     if rng.random() < aug.flip_probability:
         pixels = pixels[:, ::-1]
