@@ -238,6 +238,7 @@ def test_help_gives_the_full_scale_commands(capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 70 s of CPU (mostly XLA compiles): over the default suite's budget
 def test_smoke_run_end_to_end(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     results = maskrcnn_train.main("maskrcnn_rn50", "", "", ["--smoke", "--no-control", "--devices", "2",
