@@ -185,7 +185,8 @@ def random_iou_crop(pixels: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
         if not inside.any():
             continue
         kept = np.clip(boxes[inside], crop[0, [0, 1, 0, 1]], crop[0, [2, 3, 2, 3]])
-        kept = (kept - crop[0, [0, 1, 0, 1]]) / np.asarray([w, h, w, h], np.float32)
+        kept = np.clip((kept - crop[0, [0, 1, 0, 1]]) / np.asarray([w, h, w, h], np.float32),
+                       0.0, 1.0)  # rounding can leave a clipped edge at 1 + 1e-7
         left_px, top_px = int(left * width), int(top * height)
         right_px, bottom_px = int((left + w) * width), int((top + h) * height)
         return (pixels[top_px:bottom_px, left_px:right_px], kept.astype(np.float32),
