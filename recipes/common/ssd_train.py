@@ -542,7 +542,7 @@ def train_and_evaluate(config: SSDConfig, workdir: str, *, resume: bool = False,
     from flax import nnx
 
     import sparse_jax
-    from recipes.common import checkpointing, metrics, ssd
+    from recipes.common import metrics, ssd
     from recipes.common import train as image_train
 
     started = time.time()
@@ -621,9 +621,7 @@ def train_and_evaluate(config: SSDConfig, workdir: str, *, resume: bool = False,
     state, progress = run_phase(wf, "retrain", state, sparse_tx, steps, config.seed + 1, resume)
     final_params, final_stats = state["params"], state["batch_stats"]
     sparse, retrain_seconds = progress["eval"], progress["seconds"]
-    remasked = jax.jit(sparse_jax.apply_masks)(final_params, masks)
-    exactly_sparse = all(np.array_equal(p, q) for p, q in zip(
-        jax.device_get(jax.tree.leaves(final_params)), jax.device_get(jax.tree.leaves(remasked))))
+    exactly_sparse = image_train.exactly_masked(final_params, masks)
     wf.print(f"[retrain] bbAP {100 * sparse['bbAP']:.2f} (weights exactly "
              f"{config.sparsity_n}:{config.sparsity_m}: {exactly_sparse})")
 

@@ -383,6 +383,14 @@ def prepare_workdir(workdir: str, resume: bool, overwrite: bool,
     os.makedirs(workdir, exist_ok=True)
 
 
+def exactly_masked(params, masks) -> bool:
+    """Whether ``params`` already equal ``sparse_jax.apply_masks(params, masks)``, bit for bit
+    (every pruned weight is exactly zero after retraining)."""
+    remasked = jax.jit(sparse_jax.apply_masks)(params, masks)
+    return all(np.array_equal(p, a) for p, a in zip(
+        jax.device_get(jax.tree.leaves(params)), jax.device_get(jax.tree.leaves(remasked))))
+
+
 def _pretty(value: float | None) -> str:
     return "   -  " if value is None else f"{100 * value:6.2f}"
 
@@ -467,9 +475,7 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
                                        config.seed + 1, resume=resume)
     sparse_eval, retrain_seconds = progress["eval"], progress["seconds"]
     final_params = sparse_state["params"]
-    remasked = jax.jit(sparse_jax.apply_masks)(final_params, masks)
-    exactly_sparse = all(np.array_equal(p, a) for p, a in zip(
-        jax.device_get(jax.tree.leaves(final_params)), jax.device_get(jax.tree.leaves(remasked))))
+    exactly_sparse = exactly_masked(final_params, masks)
     wf.print(f"[retrain] held-out top-1 {100 * sparse_eval['top1']:.2f}% "
              f"(weights exactly {config.sparsity_n}:{config.sparsity_m}: {exactly_sparse})")
 
