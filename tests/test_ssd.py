@@ -512,3 +512,20 @@ def test_smoke_run_end_to_end(tmp_path):
                      if "/kernel" in line and " skipped " in line]
     assert len(dense_kernels) == 1 and dense_kernels[0].startswith("backbone/conv1/kernel")
     assert "every pruned leaf 2:4: yes" in report
+
+
+@pytest.mark.slow  # jax2onnx conversion of the whole network
+def test_export_onnx_matches_jax(tmp_path):
+    pytest.importorskip("jax2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    config = ssd_train.smoke_config(ssd_train.builtin_config())
+    model = ssd_train.create_model(config, 11)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    path = str(tmp_path / "ssd.onnx")
+    ssd_train.export_onnx(config, 11, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), path)
+    x = np.random.default_rng(0).uniform(-2, 2, (1, 64, 64, 3)).astype(np.float32)
+    got = ort.InferenceSession(path).run(None, {"image": x})
+    expected = nnx.merge(graphdef, params, batch_stats)(jnp.asarray(x))
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-4)
