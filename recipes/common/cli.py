@@ -106,16 +106,21 @@ def config_from_args(args: argparse.Namespace, model: str) -> configs.Config:
     return apply_command_line(config, overrides, args)
 
 
+def run(train_and_evaluate, config, args: argparse.Namespace, model: str, dataset: str) -> dict:
+    """Runs a recipe's ``train_and_evaluate`` in ``--workdir`` (default
+    ``runs/<model>_<dataset>[_smoke]``) with ``--resume``/``--overwrite``; prints the wall time."""
+    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
+    started = time.time()
+    results = train_and_evaluate(config, workdir, resume=args.resume, overwrite=args.overwrite)
+    print(f"total wall time {time.time() - started:.0f} s")
+    return results
+
+
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
     args = build_parser(description, epilog).parse_args(argv)
     config = config_from_args(args, model)
-    dataset = "imagenet" if args.data_dir else "mnist_5k"
-    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
     # Imported late so that --help answers without loading jax.
     from recipes.common import train
 
-    started = time.time()
-    results = train.train_and_evaluate(config, workdir, resume=args.resume,
-                                       overwrite=args.overwrite)
-    print(f"total wall time {time.time() - started:.0f} s")
-    return results
+    return run(train.train_and_evaluate, config, args, model,
+               "imagenet" if args.data_dir else "mnist_5k")

@@ -759,8 +759,8 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
     parser.add_argument("--workers", type=int, help="grain worker processes (full recipe: 8)")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the dense model for the retraining steps (fair "
-                        "comparison; on by default for the built-in set, off for COCO)")
+                        help="also train the dense model for the retraining steps (the fair "
+                        "comparison; off by default)")
     parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 network "
                         "(eval mode, float32, box offsets and class logits; decoding and NMS "
                         "outside) to ONNX; needs the export extra; check with sparse-jax-inspect")
@@ -785,11 +785,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> SSDConfig:
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
+    from recipes.common import cli
+
     args = build_parser(description, epilog).parse_args(argv)
-    config = config_from_args(args, model)
-    dataset = "coco2017" if args.data_dir else "digits"
-    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
-    started = time.time()
-    results = train_and_evaluate(config, workdir, resume=args.resume, overwrite=args.overwrite)
-    print(f"total wall time {time.time() - started:.0f} s")
-    return results
+    return cli.run(train_and_evaluate, config_from_args(args, model), args, model,
+                   "coco2017" if args.data_dir else "digits")
