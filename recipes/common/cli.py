@@ -63,6 +63,21 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_file: str, set_exa
                         help=f"override any config field, e.g. {set_example} (see {config_file})")
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, *, control_default: str,
+                         exported: str | None, workers_note: str = "full recipe: 8") -> None:
+    """--devices, --workers, --control and (when ``exported`` says what is written) --export-onnx,
+    with the recipe's own words: ``control_default`` says when the control phase is on."""
+    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
+    parser.add_argument("--workers", type=int, help=f"grain worker processes ({workers_note})")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the dense model for the retraining steps (the fair "
+                        f"comparison; {control_default})")
+    if exported is not None:
+        parser.add_argument("--export-onnx", metavar="PATH", help=f"also export {exported} to "
+                            "ONNX for TensorRT; needs the export extra (see README); check it "
+                            "with sparse-jax-inspect PATH")
+
+
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,14 +93,8 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
                         "full recipe: 90, lr steps every third of it unless --set lr_step_epochs=)")
     parser.add_argument("--steps", type=int, help="steps of each phase (overrides --epochs)")
     parser.add_argument("--lr", type=float, help="learning rate per 256 images (default 0.1)")
-    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--workers", type=int, help="grain worker processes (full recipe: 8)")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the dense model for the retraining steps (fair "
-                        "comparison; on by default for built-in data, off for ImageNet)")
-    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
-                        "to ONNX (eval mode, float32 NHWC input) for TensorRT; needs the export "
-                        "extra (see README); check it with sparse-jax-inspect PATH")
+    add_device_arguments(parser, control_default="on by default for built-in data, off for "
+                         "ImageNet", exported="the final 2:4 model (eval mode, float32 NHWC input)")
     add_run_arguments(parser, "recipes/common/configs.py",
                       "--set weight_decay=5e-5 --set compute_dtype=float32")
     return parser

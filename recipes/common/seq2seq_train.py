@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from recipes.common import cli
+
 # Which leaves 2:4 pruning touches, first match wins (see sparse_jax.plan_tree). Forcing axis 0
 # (the input axis of an (in, out) kernel) makes a renamed or reshaped projection fail loudly.
 PRUNING_RULES = (
@@ -829,16 +831,9 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
                         "devices (full recipe: 28672 = 3584 x 8)")
     parser.add_argument("--steps", type=int, help="steps of each phase (dense and retrain)")
     parser.add_argument("--lr", type=float, help="peak learning rate after the warm-up")
-    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--workers", type=int, help="grain worker processes")
-    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
-                        "(teacher-forced forward, float32) to ONNX for TensorRT; needs the export "
-                        "extra (see README); check it with sparse-jax-inspect PATH")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the dense model for the retraining steps (fair "
-                        "comparison; on by default for the built-in task, off for WMT)")
-    from recipes.common import cli
-
+    cli.add_device_arguments(
+        parser, control_default="on by default for the built-in task, off for WMT",
+        exported="the final 2:4 model (teacher-forced forward, float32)", workers_note="WMT: 8")
     cli.add_run_arguments(parser, "recipes/common/seq2seq_train.py TranslationConfig",
                           "--set beam_size=5 --set dropout=0.1")
     return parser
@@ -853,17 +848,10 @@ def config_from_args(args: argparse.Namespace, model: str) -> TranslationConfig:
                  "num_train_steps": args.steps, "learning_rate": args.lr,
                  "devices": args.devices, "num_workers": args.workers, "control": args.control,
                  "export_onnx": args.export_onnx}
-    from recipes.common import cli
-
     return cli.apply_command_line(config, overrides, args)
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
     args = build_parser(description, epilog).parse_args(argv)
-    config = config_from_args(args, model)
-    dataset = "wmt14" if args.data_dir else "pydoc"
-    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
-    started = time.time()
-    results = train_and_evaluate(config, workdir, resume=args.resume, overwrite=args.overwrite)
-    print(f"total wall time {time.time() - started:.0f} s")
-    return results
+    return cli.run(train_and_evaluate, config_from_args(args, model), args, model,
+                   "wmt14" if args.data_dir else "pydoc")

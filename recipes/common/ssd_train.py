@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from recipes.common import cli
+
 PHASES = ("dense", "retrain", "control")
 
 
@@ -739,8 +741,6 @@ def results_table(results: dict[str, Any]) -> str:
 
 
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
-    from recipes.common import cli
-
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="COCO 2017 directory (train2017/, val2017/, "
@@ -756,22 +756,16 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, help="epochs of each phase (full recipe: 65)")
     parser.add_argument("--steps", type=int, help="steps of each phase (overrides --epochs)")
     parser.add_argument("--lr", type=float, help="learning rate per 32 images (default 2.6e-3)")
-    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--workers", type=int, help="grain worker processes (full recipe: 8)")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the dense model for the retraining steps (the fair "
-                        "comparison; off by default)")
-    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 network "
-                        "(eval mode, float32, box offsets and class logits; decoding and NMS "
-                        "outside) to ONNX; needs the export extra; check with sparse-jax-inspect")
+    cli.add_device_arguments(
+        parser, control_default="off by default",
+        exported="the final 2:4 network (eval mode, float32, box offsets and class logits; "
+        "decoding and NMS outside)")
     cli.add_run_arguments(parser, "recipes/common/ssd_train.py SSDConfig",
                           "--set max_eval_images=500 --set compute_dtype=float32")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> SSDConfig:
-    from recipes.common import cli
-
     config = coco_config() if args.data_dir else builtin_config()
     config = config.replace(model=model, data_dir=args.data_dir)
     if args.smoke:
@@ -785,8 +779,6 @@ def config_from_args(args: argparse.Namespace, model: str) -> SSDConfig:
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.common import cli
-
     args = build_parser(description, epilog).parse_args(argv)
     return cli.run(train_and_evaluate, config_from_args(args, model), args, model,
                    "coco2017" if args.data_dir else "digits")
