@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import resource
 import sys
@@ -41,7 +40,8 @@ import sparse_jax
 from recipes.common import bert, checkpointing, metrics, qa_data, squad
 from recipes.common.bert_configs import QAConfig
 from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, mean_loss_and_accuracy,
-                                  prepare_workdir, report_summary, shard_batch)
+                                  prepare_workdir, report_summary, run_facts, shard_batch,
+                                  write_run_outputs)
 
 PHASES = ("pretrain", "dense", "retrain")
 
@@ -500,21 +500,14 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
         "num_params": num_params,
         "eval_questions": sparse_eval["count"],
         "exactly_nm_sparse": exactly_sparse,
-        "seconds": round(time.time() - started, 1),
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
         "training_seconds": round(dense_seconds + progress["seconds"], 1),
-        "devices": mesh.size,
-        "platform": mesh.devices.flat[0].platform,
-        "jax": jax.__version__,
+        **run_facts(started, mesh),
     }
+    write_run_outputs(workdir, results, report, lambda path: metrics.plot_curves(
+        [r for r in wf.log.read() if r["phase"] != "pretrain"], path,
+        f"BERT on {task.name}: dense -> 2:4 prune -> retrain", metric_name="F1"))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
-            f.write(str(report) + "\n")
-        records = [r for r in wf.log.read() if r["phase"] != "pretrain"]
-        metrics.plot_curves(records, os.path.join(workdir, "curves.png"),
-                            f"BERT on {task.name}: dense -> 2:4 prune -> retrain", metric_name="F1")
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
         bert.save_hf_checkpoint(os.path.join(workdir, "sparse_model"), mcfg,
                                 jax.device_get(final_params), task.vocab_path)
         if config.export_onnx:

@@ -682,25 +682,18 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
         "num_params": num_params,
         "test_sentences": len(data.test),
         "exactly_nm_sparse": exactly_sparse,
-        "seconds": round(time.time() - started, 1),
         "training_seconds": round(dense_seconds + progress["seconds"]
                                   + (control["seconds"] if control else 0.0), 1),
-        "devices": mesh.size,
-        "platform": mesh.devices.flat[0].platform,
-        "jax": jax.__version__,
+        **image_train.run_facts(started, mesh),
     }
+    image_train.write_run_outputs(workdir, results, report, lambda path: plot_curves(
+        log.read(), path, f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain"
+        + (" (+ dense control)" if control else "")))
     if _is_main_process():
-        with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
-            f.write(str(report) + "\n")
         with open(os.path.join(workdir, "translations.txt"), "w") as f:
             for source, reference, hypothesis in zip(data.test.source_text, data.test.target_text,
                                                      hypotheses):
                 f.write(f"SRC {source}\nREF {reference}\nHYP {hypothesis}\n\n")
-        plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                    f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain"
-                    + (" (+ dense control)" if control else ""))
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
         if config.export_onnx:
             export_onnx(model_cfg, final_params, max(config.buckets), config.export_onnx)
             wf.print(f"wrote the 2:4 model as ONNX to {config.export_onnx} (check: "

@@ -657,24 +657,17 @@ def train_and_evaluate(config: SSDConfig, workdir: str, *, resume: bool = False,
         "default_boxes": spec.num_boxes,
         "val_images": len(evaluated_image_ids(data, config)),
         "exactly_nm_sparse": exactly_sparse,
-        "seconds": round(time.time() - started, 1),
         "training_seconds": round(dense_seconds + retrain_seconds + control_seconds, 1),
-        "devices": mesh.size,
-        "platform": mesh.devices.flat[0].platform,
-        "jax": jax.__version__,
+        **image_train.run_facts(started, mesh),
     }
-    with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
-        f.write(str(report) + "\n")
     with open(os.path.join(workdir, "coco_summary.txt"), "w") as f:
         for name, scored in (("dense", dense), ("one-shot 2:4", one_shot),
                              ("2:4 retrained", sparse), ("dense control", control)):
             if scored:
                 f.write(f"{name}:\n{_format_summary(scored['summary'])}\n\n")
-    metrics.plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                        f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain",
-                        metric_name="bbAP / positive-box")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    image_train.write_run_outputs(workdir, results, report, lambda path: metrics.plot_curves(
+        log.read(), path, f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain",
+        metric_name="bbAP / positive-box"))
     if config.export_onnx:
         export_onnx(config, data.train.num_classes, final_params, final_stats, config.export_onnx)
         wf.print(f"[export] final {config.sparsity_n}:{config.sparsity_m} model -> "

@@ -391,6 +391,25 @@ def exactly_masked(params, masks) -> bool:
         jax.device_get(jax.tree.leaves(params)), jax.device_get(jax.tree.leaves(remasked))))
 
 
+def run_facts(started: float, mesh: Mesh) -> dict[str, Any]:
+    """The ``results.json`` fields every recipe shares: seconds since ``started``, where it ran."""
+    return {"seconds": round(time.time() - started, 1), "devices": mesh.size,
+            "platform": mesh.devices.flat[0].platform, "jax": jax.__version__}
+
+
+def write_run_outputs(workdir: str, results: dict[str, Any], report: sparse_jax.SparsityReport,
+                      plot: Callable[[str], None]) -> None:
+    """``sparsity_report.txt``, ``curves.png`` (drawn by ``plot(path)``) and ``results.json``,
+    written by the main process only."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
+        f.write(str(report) + "\n")
+    plot(os.path.join(workdir, "curves.png"))
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
 def _pretty(value: float | None) -> str:
     return "   -  " if value is None else f"{100 * value:6.2f}"
 
@@ -507,19 +526,11 @@ def train_and_evaluate(config: Config, workdir: str, *, resume: bool = False,
         "num_params": int(num_params),
         "eval_examples": sparse_eval["count"],
         "exactly_nm_sparse": exactly_sparse,
-        "seconds": round(time.time() - started, 1),
         "training_seconds": round(dense_seconds + retrain_seconds + control_seconds, 1),
-        "devices": mesh.size,
-        "platform": mesh.devices.flat[0].platform,
-        "jax": jax.__version__,
+        **run_facts(started, mesh),
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
-            f.write(str(report) + "\n")
-        metrics.plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                            f"{config.model} on {info.name}: dense -> 2:4 prune -> retrain")
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    write_run_outputs(workdir, results, report, lambda path: metrics.plot_curves(
+        log.read(), path, f"{config.model} on {info.name}: dense -> 2:4 prune -> retrain"))
     if config.export_onnx and jax.process_index() == 0:
         export_onnx(config, info, final_params, sparse_state["batch_stats"], config.export_onnx)
         wf.print(f"[export] final {config.sparsity_n}:{config.sparsity_m} model -> "
