@@ -514,6 +514,29 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "every pruned leaf 2:4: yes" in report
 
 
+@pytest.mark.slow  # two smoke runs (about 2 minutes on 2 cores)
+def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
+    from recipes.common import train as image_train
+
+    config = ssd_train.smoke_config(ssd_train.builtin_config()).replace(
+        devices=1, checkpoint_every_steps=2, builtin_dir=str(tmp_path / "digits"))
+    reference = ssd_train.train_and_evaluate(config, str(tmp_path / "reference"))
+    workdir = str(tmp_path / "resumed")
+    # 4 dense steps, then killed after the 3rd retraining step: its last checkpoint is step 2,
+    # so the resumed run repeats step 3 with the restored parameters and data-iterator state.
+    with pytest.raises(image_train.Interrupted):
+        ssd_train.train_and_evaluate(config.replace(interrupt_after_steps=7), workdir)
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    capsys.readouterr()
+    resumed = ssd_train.train_and_evaluate(config, workdir, resume=True)
+    printed = capsys.readouterr().out
+    assert "[dense] resumed from" in printed and "[retrain] resumed from" in printed
+    for key in ("dense", "one_shot", "sparse", "control"):
+        assert resumed[key] == reference[key], key
+    read = lambda d: [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]  # noqa: E731
+    assert read(workdir) == read(str(tmp_path / "reference"))
+
+
 @pytest.mark.slow  # jax2onnx conversion of the whole network
 def test_export_onnx_matches_jax(tmp_path):
     pytest.importorskip("jax2onnx")
