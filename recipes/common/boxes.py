@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _xp(*arrays):
+def array_namespace(*arrays):
     """NumPy for NumPy inputs (the host pipeline stays in NumPy), jax.numpy otherwise."""
     return np if all(isinstance(a, (np.ndarray, np.generic, float, int)) for a in arrays) else jnp
 
 
 def box_area(boxes):
     """Area of corner boxes; an inverted box has area 0."""
-    xp = _xp(boxes)
+    xp = array_namespace(boxes)
     width = xp.maximum(boxes[..., 2] - boxes[..., 0], 0)
     height = xp.maximum(boxes[..., 3] - boxes[..., 1], 0)
     return width * height
@@ -30,7 +30,7 @@ def pairwise_iou(boxes1, boxes2):
 
     Returns ``(N, M)``; a pair whose union is empty (two degenerate boxes) has IoU 0.
     """
-    xp = _xp(boxes1, boxes2)
+    xp = array_namespace(boxes1, boxes2)
     top_left = xp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = xp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
     size = xp.maximum(bottom_right - top_left, 0)
@@ -40,23 +40,23 @@ def pairwise_iou(boxes1, boxes2):
 
 
 def xywh_to_xyxy(boxes):
-    xp = _xp(boxes)
+    xp = array_namespace(boxes)
     return xp.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
 
 
 def xyxy_to_xywh(boxes):
-    xp = _xp(boxes)
+    xp = array_namespace(boxes)
     return xp.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
 
 
 def cxcywh_to_xyxy(boxes):
-    xp = _xp(boxes)
+    xp = array_namespace(boxes)
     half = boxes[..., 2:] / 2
     return xp.concatenate([boxes[..., :2] - half, boxes[..., :2] + half], axis=-1)
 
 
 def xyxy_to_cxcywh(boxes):
-    xp = _xp(boxes)
+    xp = array_namespace(boxes)
     return xp.concatenate([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]],
                           axis=-1)
 

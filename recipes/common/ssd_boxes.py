@@ -91,7 +91,7 @@ def default_boxes(spec: DefaultBoxSpec = DefaultBoxSpec()) -> np.ndarray:
 
 def encode(boxes_cxcywh, defaults_cxcywh, variances: Sequence[float] = VARIANCES):
     """Offsets of ``boxes`` from their default boxes (both ``(..., 4)`` centre-size)."""
-    xp = box_ops._xp(boxes_cxcywh, defaults_cxcywh)
+    xp = box_ops.array_namespace(boxes_cxcywh, defaults_cxcywh)
     centre = (boxes_cxcywh[..., :2] - defaults_cxcywh[..., :2]) / (
         variances[0] * defaults_cxcywh[..., 2:])
     size = xp.log(boxes_cxcywh[..., 2:] / defaults_cxcywh[..., 2:]) / variances[1]
@@ -100,7 +100,7 @@ def encode(boxes_cxcywh, defaults_cxcywh, variances: Sequence[float] = VARIANCES
 
 def decode(offsets, defaults_cxcywh, variances: Sequence[float] = VARIANCES):
     """The inverse of `encode`: centre-size boxes from offsets and their default boxes."""
-    xp = box_ops._xp(offsets, defaults_cxcywh)
+    xp = box_ops.array_namespace(offsets, defaults_cxcywh)
     centre = offsets[..., :2] * variances[0] * defaults_cxcywh[..., 2:] + defaults_cxcywh[..., :2]
     size = xp.exp(offsets[..., 2:] * variances[1]) * defaults_cxcywh[..., 2:]
     return xp.concatenate([centre, size], axis=-1)
