@@ -655,19 +655,11 @@ def train_and_evaluate(config: MaskRCNNConfig, workdir: str, *, resume: bool = F
         "num_params": num_params,
         "eval_images": sparse["images"],
         "exactly_nm_sparse": exactly_sparse,
-        "seconds": round(time.time() - started, 1),
         "training_seconds": round(dense_seconds + retrain_seconds + control_seconds, 1),
-        "devices": mesh.size,
-        "platform": mesh.devices.flat[0].platform,
-        "jax": jax.__version__,
+        **image_train.run_facts(started, mesh),
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
-            f.write(str(report) + "\n")
-        plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                    f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain")
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    image_train.write_run_outputs(workdir, results, report, lambda path: plot_curves(
+        log.read(), path, f"{config.model} on {data.name}: dense -> 2:4 prune -> retrain"))
     wf.print("")
     wf.print(image_train.report_summary(report, os.path.join(workdir, "sparsity_report.txt")))
     wf.print("")
@@ -756,10 +748,8 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=float, help="epochs of each phase (full recipe: 26)")
     parser.add_argument("--steps", type=int, help="steps of each phase (overrides --epochs)")
     parser.add_argument("--lr", type=float, help="learning rate per 16 images (default 0.02)")
-    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--workers", type=int, help="grain worker processes")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the dense model for the retraining steps")
+    cli.add_device_arguments(parser, control_default="on by default for the built-in set, off "
+                             "for COCO", exported=None)
     cli.add_run_arguments(parser, "recipes/common/maskrcnn_train.py MaskRCNNConfig",
                           "--set train_min_sizes=480,512,544,576,608,640,672,704,736,768,800")
     return parser
@@ -780,11 +770,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> MaskRCNNConfig:
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
+    from recipes.common import cli
+
     args = build_parser(description, epilog).parse_args(argv)
-    config = config_from_args(args, model)
-    dataset = "coco" if args.data_dir else "digits"
-    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
-    started = time.time()
-    results = train_and_evaluate(config, workdir, resume=args.resume, overwrite=args.overwrite)
-    print(f"total wall time {time.time() - started:.0f} s")
-    return results
+    return cli.run(train_and_evaluate, config_from_args(args, model), args, model,
+                   "coco" if args.data_dir else "digits")
