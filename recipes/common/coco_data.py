@@ -287,12 +287,11 @@ def train_iterator(source: CocoDetectionSource, *, image_size: int, max_boxes: i
     return iter(iterator_dataset)
 
 
-def eval_batches(source: CocoDetectionSource, *, image_size: int, batch_size: int,
-                 max_images: int = -1, num_workers: int = 0):
-    """Every (or the first ``max_images``) image in batches of ``batch_size``; the last batch is
-    padded with blank images whose ``mask`` is 0."""
-    import functools
-
+def padded_batches(source, transform, *, batch_size: int, max_images: int = -1,
+                   num_workers: int = 0):
+    """``(batch, count)``: every (or the first ``max_images``) record of ``source`` through
+    ``transform``, in batches of ``batch_size``; the last one padded with zeros after its
+    ``count`` real examples (fixed shapes for a jitted evaluation step)."""
     import grain
 
     from recipes.common import input_pipeline
@@ -300,14 +299,24 @@ def eval_batches(source: CocoDetectionSource, *, image_size: int, batch_size: in
     dataset = grain.MapDataset.source(source)
     if max_images > 0:
         dataset = dataset[:max_images]
-    dataset = dataset.map(functools.partial(ssd_eval_transform, image_size=image_size))
-    dataset = dataset.batch(batch_size, drop_remainder=False).to_iter_dataset()
+    dataset = dataset.map(transform).batch(batch_size, drop_remainder=False).to_iter_dataset()
     if num_workers > 0:
         dataset = dataset.mp_prefetch(input_pipeline._multiprocessing_options(num_workers))
     for batch in dataset:
         count = len(batch["image_id"])
         pad = batch_size - count
-        batch = {key: np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)])
-                 for key, value in batch.items()}
+        yield {key: np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)])
+               for key, value in batch.items()}, count
+
+
+def eval_batches(source: CocoDetectionSource, *, image_size: int, batch_size: int,
+                 max_images: int = -1, num_workers: int = 0):
+    """Every (or the first ``max_images``) image in batches of ``batch_size``; the last batch is
+    padded with blank images whose ``mask`` is 0."""
+    import functools
+
+    for batch, count in padded_batches(
+            source, functools.partial(ssd_eval_transform, image_size=image_size),
+            batch_size=batch_size, max_images=max_images, num_workers=num_workers):
         batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
         yield batch

@@ -150,20 +150,9 @@ def eval_batches(source: MaskSource, *, batch_size: int, max_images: int = -1,
                  num_workers: int = 0, **transform_args):
     """Every (or the first ``max_images``) image, in batches; the last one padded with blank
     examples whose ``valid`` is 0."""
-    import grain
-
-    dataset = grain.MapDataset.source(source)
-    if max_images > 0:
-        dataset = dataset[:max_images]
-    dataset = dataset.map(lambda record: transform(record, None, **transform_args))
-    dataset = dataset.batch(batch_size, drop_remainder=False).to_iter_dataset()
-    if num_workers > 0:
-        dataset = dataset.mp_prefetch(input_pipeline._multiprocessing_options(num_workers))
-    for batch in dataset:
-        count = len(batch["image_id"])
-        pad = batch_size - count
-        batch = {key: np.concatenate([value, np.zeros((pad, *value.shape[1:]), value.dtype)])
-                 for key, value in batch.items()}
+    for batch, count in coco_data.padded_batches(
+            source, lambda record: transform(record, None, **transform_args),
+            batch_size=batch_size, max_images=max_images, num_workers=num_workers):
         batch["image_hw"][count:] = batch["image_hw"][0]
         batch["valid"] = np.arange(batch_size) < count
         yield batch
