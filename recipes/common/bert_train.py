@@ -40,8 +40,8 @@ import sparse_jax
 from recipes.common import bert, checkpointing, metrics, qa_data, squad
 from recipes.common.bert_configs import QAConfig
 from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, mean_loss_and_accuracy,
-                                  prepare_workdir, report_summary, run_facts, shard_batch,
-                                  write_run_outputs)
+                                  exactly_masked, prepare_workdir, report_summary, run_facts,
+                                  shard_batch, write_run_outputs)
 
 PHASES = ("pretrain", "dense", "retrain")
 
@@ -477,9 +477,7 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
     # The step donates its input state: the masks to use now are the state's.
     final_params, masks, sparse_eval = state["params"], state["masks"], progress["eval"]
     report = sparse_jax.sparsity_report(final_params, masks, 2, 4, rules=bert.PRUNING_RULES)
-    remasked = sparse_jax.apply_masks(final_params, masks)
-    exactly_sparse = all(np.array_equal(p, a) for p, a in zip(
-        jax.device_get(jax.tree.leaves(final_params)), jax.device_get(jax.tree.leaves(remasked))))
+    exactly_sparse = exactly_masked(final_params, masks)
     wf.print(f"[retrain] held-out F1 {sparse_eval['f1']:.2f}, exact match "
              f"{sparse_eval['exact_match']:.2f} (weights exactly 2:4: {exactly_sparse})")
 

@@ -617,9 +617,7 @@ def train_and_evaluate(config: MaskRCNNConfig, workdir: str, *, resume: bool = F
     state, progress = run_phase(wf, "retrain", state, sparse_tx, steps, config.seed + 1, resume)
     sparse, retrain_seconds = progress["eval"], progress["seconds"]
     final_params = state["params"]
-    remasked = jax.jit(sparse_jax.apply_masks)(final_params, masks)
-    exactly_sparse = all(np.array_equal(p, q) for p, q in zip(
-        jax.device_get(jax.tree.leaves(final_params)), jax.device_get(jax.tree.leaves(remasked))))
+    exactly_sparse = image_train.exactly_masked(final_params, masks)
     wf.print(f"[retrain] bbox AP {100 * sparse['bbox']:.2f}, mask AP {100 * sparse['segm']:.2f} "
              f"(weights exactly {config.sparsity_n}:{config.sparsity_m}: {exactly_sparse})")
 

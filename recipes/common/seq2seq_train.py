@@ -643,9 +643,7 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
     state, progress = run_phase(wf, "retrain", state, sparse_tx, config.seed + 1, resume)
     final_params = state["params"]
     sparse = {"bleu": progress["bleu"], "signature": progress["signature"]}
-    remasked = jax.jit(sparse_jax.apply_masks)(final_params, masks)
-    exactly_sparse = all(np.array_equal(p, q) for p, q in zip(
-        jax.device_get(jax.tree.leaves(final_params)), jax.device_get(jax.tree.leaves(remasked))))
+    exactly_sparse = image_train.exactly_masked(final_params, masks)
     hypotheses = wf.final_hypotheses.get("retrain") or wf.score(final_params)["hypotheses"]
     wf.print(f"[retrain] BLEU {sparse['bleu']:.2f} (weights exactly {config.sparsity_n}:"
              f"{config.sparsity_m}: {exactly_sparse})")
