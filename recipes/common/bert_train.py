@@ -263,19 +263,11 @@ def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable,
               evaluate_fn: Callable[[dict], dict] | None, resume: bool) -> tuple[dict, dict]:
     """Trains ``state`` for ``total_steps``; logs, checkpoints, evaluates at the end."""
     config = wf.config
-    ckpt = checkpointing.PhaseCheckpoints(os.path.join(wf.workdir, "checkpoints", phase),
-                                          config.max_checkpoints_to_keep)
     progress = {"phase": phase, "step": 0, "total_steps": total_steps, "seconds": 0.0, "eval": None}
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        state, progress = ckpt.restore(latest, state)
-        wf.print(f"[{phase}] resumed from {ckpt.directory}/{latest}")
-    done = progress["step"] >= total_steps and (progress["eval"] is not None or evaluate_fn is None)
-    if resume and not done:
-        wf.log.truncate(phase, progress["step"], PHASES[PHASES.index(phase) + 1:])
-    state = jax.device_put(state, NamedSharding(wf.mesh, P()))
+    ckpt, state, progress, done = checkpointing.open_phase(
+        wf, phase, PHASES, state, progress, total_steps, resume,
+        final_key=None if evaluate_fn is None else "eval")
     if done:
-        ckpt.close()
         return state, progress
     step = progress["step"]
     started = time.time() - progress["seconds"]

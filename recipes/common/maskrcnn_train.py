@@ -443,30 +443,18 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
               data_seed: int, resume: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trains ``state`` for ``total_steps``; logs, checkpoints; COCO evaluation at the end."""
     import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from recipes.common import checkpointing, maskrcnn_data
     from recipes.common import train as image_train
 
     config = wf.config
-    ckpt = checkpointing.PhaseCheckpoints(os.path.join(wf.workdir, "checkpoints", phase),
-                                          config.max_checkpoints_to_keep)
     iterator = maskrcnn_data.train_iterator(wf.data.train, batch_size=config.batch_size,
                                             seed=data_seed, num_workers=config.num_workers,
                                             **_transform_args(config, train=True))
     progress = {"phase": phase, "step": 0, "seconds": 0.0, "eval": None}
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        state, progress = ckpt.restore(latest, state)
-        iterator.set_state(progress["data_state"])
-        wf.print(f"[{phase}] resumed from {ckpt.directory}/{latest}")
-    finished = progress["step"] >= total_steps and progress.get("eval") is not None
-    if resume and not finished:
-        wf.log.truncate(phase, progress["step"], PHASES[PHASES.index(phase) + 1:])
-    state = jax.device_put(state, NamedSharding(wf.mesh, P()))
-    if finished:
-        ckpt.close()
+    ckpt, state, progress, done = checkpointing.open_phase(
+        wf, phase, PHASES, state, progress, total_steps, resume, data_iterator=iterator)
+    if done:
         return state, progress
 
     # Dense training and the control share one compiled step (the seed is an argument).

@@ -441,16 +441,12 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, data_seed: in
               resume: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trains ``state`` for ``num_train_steps``; logs, checkpoints, validates; BLEU at the end."""
     import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from recipes.common import checkpointing
     from recipes.common import train as image_train
     from recipes.common import translation_data as td
 
     config, total_steps = wf.config, wf.config.num_train_steps
-    ckpt = checkpointing.PhaseCheckpoints(os.path.join(wf.workdir, "checkpoints", phase),
-                                          config.max_checkpoints_to_keep)
     source = td.TokenBatchSource(wf.data.train, config.buckets, config.max_tokens, data_seed,
                                  num_epochs=1, rows_multiple_of=wf.mesh.size // jax.process_count(),
                                  process_index=jax.process_index(),
@@ -458,17 +454,10 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, data_seed: in
     source.num_epochs = -(-total_steps // source.per_epoch)  # enough epochs for the phase
     iterator = td.train_iterator(source, config.num_workers)
     progress = {"phase": phase, "step": 0, "seconds": 0.0, "bleu": None, "valid_nll": None}
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        state, progress = ckpt.restore(latest, state)
-        iterator.set_state(progress["data_state"])
-        wf.print(f"[{phase}] resumed from {ckpt.directory}/{latest}")
-    finished = progress["step"] >= total_steps and progress.get("bleu") is not None
-    if resume and not finished:
-        wf.log.truncate(phase, progress["step"], PHASES[PHASES.index(phase) + 1:])
-    state = jax.device_put(state, NamedSharding(wf.mesh, P()))
-    if finished:
-        ckpt.close()
+    ckpt, state, progress, done = checkpointing.open_phase(
+        wf, phase, PHASES, state, progress, total_steps, resume, data_iterator=iterator,
+        final_key="bleu")
+    if done:
         return state, progress
 
     train_step = make_train_step(wf.graphdef, tx, wf.mesh, config, td.PAD_ID)

@@ -434,15 +434,11 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
     """Trains ``state`` for ``total_steps``; logs, checkpoints, scores bbAP; resumable."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from recipes.common import checkpointing, coco_data
     from recipes.common import train as image_train
 
     config = wf.config
-    ckpt = checkpointing.PhaseCheckpoints(os.path.join(wf.workdir, "checkpoints", phase),
-                                          config.max_checkpoints_to_keep)
     aug = coco_data.Augmentation(expand_probability=config.expand_probability,
                                  max_expand_ratio=config.max_expand_ratio,
                                  crop_probability=config.crop_probability,
@@ -454,17 +450,9 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
                                         max_boxes=config.max_boxes, batch_size=config.batch_size,
                                         seed=data_seed, aug=aug, num_workers=config.num_workers)
     progress = {"phase": phase, "step": 0, "seconds": 0.0, "eval": None}
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        state, progress = ckpt.restore(latest, state)
-        iterator.set_state(progress["data_state"])
-        wf.print(f"[{phase}] resumed from {ckpt.directory}/{latest}")
-    finished = progress["step"] >= total_steps and progress.get("eval") is not None
-    if resume and not finished:
-        wf.log.truncate(phase, progress["step"], PHASES[PHASES.index(phase) + 1:])
-    state = jax.device_put(state, NamedSharding(wf.mesh, P()))
-    if finished:
-        ckpt.close()
+    ckpt, state, progress, done = checkpointing.open_phase(
+        wf, phase, PHASES, state, progress, total_steps, resume, data_iterator=iterator)
+    if done:
         return state, progress
 
     key = (type(state["opt_state"]).__name__, "masks" in state, total_steps)

@@ -278,25 +278,15 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx: optax.Gradien
     Returns the final state and the final progress dict (which holds ``"eval"``).
     """
     config = wf.config
-    ckpt = checkpointing.PhaseCheckpoints(os.path.join(wf.workdir, "checkpoints", phase),
-                                          config.max_checkpoints_to_keep)
     iterator = input_pipeline.train_iterator(wf.datasets, batch_size=config.batch_size,
                                              seed=data_seed, num_workers=config.num_workers)
     progress = {"phase": phase, "step": 0, "total_steps": total_steps, "seconds": 0.0,
                 "eval": None, **(extra_progress or {})}
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        state, progress = ckpt.restore(latest, state)
-        iterator.set_state(progress["data_state"])
-        wf.print(f"[{phase}] resumed from {ckpt.directory}/{latest}")
-    if resume and not (progress["step"] >= total_steps and progress.get("eval") is not None):
-        # Records logged after the checkpoint (and by later phases) will be logged again.
-        wf.log.truncate(phase, progress["step"], PHASES[PHASES.index(phase) + 1:])
-    state = _replicate(state, wf.mesh)
-    step = progress["step"]
-    if step >= total_steps and progress.get("eval") is not None:
-        ckpt.close()
+    ckpt, state, progress, done = checkpointing.open_phase(
+        wf, phase, PHASES, state, progress, total_steps, resume, data_iterator=iterator)
+    if done:
         return state, progress
+    step = progress["step"]
 
     # Phases with the same kind of optimizer (dense training and the dense control) share
     # one compiled step.
