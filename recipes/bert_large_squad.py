@@ -47,8 +47,9 @@ Continue a killed run:   the same command with --resume (same --workdir)
 Several hosts:           the same command with --distributed on every host
 Every code path, fast:   python recipes/bert_large_squad.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,
-                         checkpoints/{pretrain,dense,retrain}/<step>/, sparse_model/ (the final
-                         2:4 model as a Hugging Face BertForQuestionAnswering directory)
+                         checkpoints/{pretrain,dense,retrain,control}/<step>/,
+                         sparse_model/ (the final 2:4 model as a Hugging Face
+                         BertForQuestionAnswering directory)
 """
 
 
@@ -66,10 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="architecture when no checkpoint gives one (default large)")
     parser.add_argument("--workdir", help="output directory (default runs/bert_<dataset>)")
     parser.add_argument("--batch-size", type=int, help="global batch, split over all devices")
-    parser.add_argument("--epochs", type=float, help="epochs of each fine-tuning phase")
+    parser.add_argument("--epochs", type=float,
+                        help="epochs of each fine-tuning phase (SQuAD; the built-in task makes "
+                             "fresh questions every step: use --steps)")
     parser.add_argument("--steps", type=int, help="steps of each fine-tuning phase")
     parser.add_argument("--lr", type=float, help="peak AdamW learning rate")
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also fine-tune the dense model for the retraining steps, unmasked "
+                             "(the fair comparison; off by default)")
     parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
                         "to ONNX (float32, [1, max_seq_length] int32 inputs) for TensorRT; needs "
                         "the export extra (see README); check it with sparse-jax-inspect PATH")
@@ -86,13 +92,16 @@ def config_from_args(args: argparse.Namespace) -> bert_configs.QAConfig:
     if squad and not (args.checkpoint or args.init_from):
         raise SystemExit("SQuAD needs --checkpoint DIR (a pre-trained Hugging Face BERT) or "
                          "--init-from DIR (a fine-tuned one)")
+    if not squad and args.epochs is not None:
+        raise SystemExit("--epochs: the built-in task makes fresh questions every step, so it "
+                         "has no epochs; give --steps N")
     config = config.replace(train_file=args.train_file, predict_file=args.predict_file)
     if args.smoke:
         config = bert_configs.smoke_config(config)
     overrides = {"checkpoint": args.checkpoint, "init_from": args.init_from, "size": args.size,
                  "batch_size": args.batch_size, "num_epochs": args.epochs,
                  "num_train_steps": args.steps, "learning_rate": args.lr, "devices": args.devices,
-                 "export_onnx": args.export_onnx}
+                 "export_onnx": args.export_onnx, "control": args.control}
     return cli.apply_command_line(config, overrides, args)
 
 

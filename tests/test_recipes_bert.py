@@ -26,7 +26,7 @@ import sparse_jax
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from recipes.common import bert, qa_data, squad  # noqa: E402
+from recipes.common import bert, bert_configs, bert_train, qa_data, squad  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -400,19 +400,69 @@ def test_decoding_respects_max_context_length_and_order(word_tokenizer):
     assert scores == sorted(scores, reverse=True) and len(nbest["e"]) <= 20
 
 
-def test_builtin_task_answers_are_at_their_characters_and_topics_are_disjoint():
-    train, held_out, text = qa_data.builtin_task(seed=0)
-    assert len(train) > 3000 and len(held_out) > 300
-    for example in train[::50] + held_out[::20]:
-        (answer,) = example.answers
-        assert example.context[answer.start:answer.start + len(answer.text)] == answer.text
-        assert " what " in f" {example.question} " and example.question.endswith("?")
-        assert answer.text.isalpha() and len(answer.text) >= 4
-    train_topics = {e.qas_id.rsplit("-", 3)[0] for e in train}
+def _check_cloze(example):
+    (answer,) = example.answers
+    assert example.context[answer.start:answer.start + len(answer.text)] == answer.text
+    assert " what " in f" {example.question} " and example.question.endswith("?")
+    assert answer.text.isalpha() and len(answer.text) >= 4
+    # The question is the passage around the answer with the answer replaced by "what".
+    left = example.question.split(" what ")[0].split()
+    before = example.context[:answer.start].split()
+    assert before[len(before) - len(left):] == left
+
+
+def test_builtin_task_held_out_questions_are_on_unseen_real_passages():
+    stream, held_out, text = qa_data.builtin_task(seed=0)
+    assert len(held_out) > 300
+    for example in held_out[::10]:
+        _check_cloze(example)
+        assert len(example.context.split()) <= 1.5 * qa_data.PASSAGE_WORDS
     held_topics = {e.qas_id.rsplit("-", 3)[0] for e in held_out}
-    assert train_topics and held_topics and not train_topics & held_topics
-    held_contexts = {e.context for e in held_out}
-    assert not held_contexts & set(text)  # pre-training text is from training topics only
+    train_topics, eval_topics = qa_data.split_topics(qa_data.topic_paragraphs())
+    assert held_topics <= set(eval_topics) and not held_topics & set(train_topics)
+    assert not {e.context for e in held_out} & set(text)  # pre-training text: training topics
+    assert set(stream.words) == {w for line in text for w in line.split()}
+
+
+def test_cloze_stream_makes_fresh_reproducible_questions_from_training_words():
+    stream, held_out, text = qa_data.builtin_task(seed=0)
+    words = set(stream.words)
+    first = stream.examples(step=3, count=40, seed=0)
+    assert len(first) == 40 and first == stream.examples(step=3, count=40, seed=0)
+    for example in first:
+        _check_cloze(example)
+        passage = example.context.split()
+        assert stream.min_words <= len(passage) <= stream.max_words
+        assert all(w in words or w[:1].lower() + w[1:] in words for w in passage[1:-1])
+    others = stream.examples(step=4, count=40, seed=0) + stream.examples(step=3, count=40, seed=1)
+    assert not {e.context for e in first} & {e.context for e in others}
+    with pytest.raises(ValueError, match="min_words"):
+        qa_data.ClozeStream(["word"] * 10, min_words=3)
+
+
+def test_stream_batches_are_windows_that_hold_their_answer(tmp_path):
+    words = ["apple", "banana", "cherry", "damson", "elder", "fig,", "grape", "hazel", "iris",
+             "juniper", "kiwi.", "lemon", "mango", "nectar", "olive", "peach", "quince", "rowan"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "?", ",", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab + [w.strip(",.") for w in words]) + "\n")
+    tokenizer = squad.bert_tokenizer(str(tmp_path / "vocab.txt"))
+    task = bert_train.Task("t", None, [], None, None, tokenizer, str(tmp_path / "vocab.txt"), None,
+                           qa_data.ClozeStream(words, min_words=15, max_words=25))
+    # 32 tokens: questions cut to 12, so a passage of up to 28 tokens needs 2-3 windows.
+    config = bert_configs.builtin_config().replace(batch_size=16, max_seq_length=32,
+                                                   doc_stride=8, max_query_length=12)
+    batch = bert_train.stream_batch(task, config, step=5, seed=0)
+    assert all(v.shape == (16, 32) for k, v in batch.items() if k.endswith("_ids"))
+    examples = task.train_stream.examples(5, 16, 0)
+    start, end = batch["start_positions"], batch["end_positions"]
+    assert np.all(start > 0) and np.all(start == end)  # every word is one token here
+    answers = [tokenizer.token_to_id(e.answers[0].text.lower()) for e in examples]
+    found = batch["input_ids"][np.arange(16), start]
+    assert set(found.tolist()) <= set(answers)
+    sep = np.argmax(batch["input_ids"] == tokenizer.token_to_id("[SEP]"), axis=1)
+    assert np.all(start > sep) and np.all(batch["token_type_ids"][np.arange(16), start] == 1)
+    np.testing.assert_array_equal(batch["input_ids"],
+                                  bert_train.stream_batch(task, config, 5, 0)["input_ids"])
 
 
 def test_mlm_masking_follows_bert(word_tokenizer):
@@ -456,6 +506,8 @@ def test_bad_command_lines_are_refused():
         entry.main(["--train-file", "a.json", "--predict-file", "b.json"])
     with pytest.raises(SystemExit, match="unknown config field"):
         entry.main(["--smoke", "--set", "no_such_field=1"])
+    with pytest.raises(SystemExit, match="no epochs"):
+        entry.main(["--smoke", "--epochs", "2"])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         bert.load_hf_checkpoint(REPO)
 
@@ -473,14 +525,16 @@ def test_smoke_run_end_to_end(tmp_path):
     onnx_path = tmp_path / "model.onnx"
     results = _smoke(tmp_path, *(["--export-onnx", str(onnx_path)] if export else []))
     assert results["exactly_nm_sparse"] is True
-    assert results["steps"] == {"pretrain": 4, "dense": 4, "retrain": 4, "control": None}
+    assert results["steps"] == {"pretrain": 4, "dense": 4, "retrain": 4, "control": 4}
     assert results["devices"] == 2
-    for key in ("dense", "one_shot", "sparse"):
+    for key in ("dense", "one_shot", "sparse", "control"):
         assert 0.0 <= results[key] <= 100.0
+        assert 0.0 <= results["exact_match"][key] <= results[key] + 1e-9
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["metric"] == "f1" and on_disk["sparse"] == results["sparse"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in records} == {"pretrain", "dense", "one_shot", "retrain"}
+    assert {r["phase"] for r in records} == {"pretrain", "dense", "one_shot", "retrain",
+                                             "control"}
     assert (tmp_path / "curves.png").stat().st_size > 0
     if export:  # the six encoder Linears 2:4 along K where TensorRT looks; the span head dense
         import onnxruntime

@@ -9,7 +9,9 @@
 2. **prune**: every encoder Linear (query, key, value, attention output, intermediate, output)
    2:4 along its input dimension, see ``bert.PRUNING_RULES``; evaluated as is (one-shot);
 3. **retrain**: the same fine-tuning schedule again from the pruned weights, with a fresh
-   ``sparse_jax.masked(optax.adamw(...))``, so that every step keeps the weights exactly 2:4.
+   ``sparse_jax.masked(optax.adamw(...))``, so that every step keeps the weights exactly 2:4;
+4. optionally **control** (``config.control``): the dense model fine-tuned as many more steps
+   without a mask, the fair comparison when the dense phase has not converged.
 
 F1 / exact match are the official SQuAD v1.1 ones (``squad.squad_v11_metric``). Training is
 data parallel over a 1-D mesh of all devices (``train.create_mesh``); parameters and optimizer
@@ -43,7 +45,7 @@ from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, mean_lo
                                   exactly_masked, prepare_workdir, report_summary, run_facts,
                                   shard_batch, write_run_outputs)
 
-PHASES = ("pretrain", "dense", "retrain")
+PHASES = ("pretrain", "dense", "retrain", "control")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,19 +76,22 @@ def init_rngs(seed: int) -> nnx.Rngs:
 @dataclasses.dataclass
 class Task:
     name: str
-    train_examples: list[squad.Example]
+    train_examples: list[squad.Example] | None  # SQuAD: a fixed training set
     eval_examples: list[squad.Example]
-    train_features: squad.Features
+    train_features: squad.Features | None
     eval_features: squad.Features
     tokenizer: Any
     vocab_path: str
     pretrain_text: list[str] | None  # built-in task only
+    train_stream: qa_data.ClozeStream | None = None  # built-in task: fresh questions every step
 
 
 def load_task(config: QAConfig, workdir: str, vocab_path: str | None) -> Task:
     """SQuAD JSON files, or the built-in pydoc task (training its vocabulary into ``workdir``)."""
+    stream = None
     if config.builtin:
-        train, held_out, text = qa_data.builtin_task(config.seed)
+        stream, held_out, text = qa_data.builtin_task(config.seed)
+        train = None
         vocab_path = os.path.join(workdir, "vocab.txt")
         if not os.path.exists(vocab_path):  # a resumed run keeps its vocabulary
             qa_data.train_wordpiece_vocab(text, vocab_path, config.vocab_size)
@@ -101,15 +106,29 @@ def load_task(config: QAConfig, workdir: str, vocab_path: str | None) -> Task:
         train, held_out, text = (squad.load_squad_json(config.train_file),
                                  squad.load_squad_json(config.predict_file), None)
         name = "squad_v1.1"
-    if config.max_train_examples > 0:
+    if config.max_train_examples > 0 and train is not None:
         train = train[:config.max_train_examples]
     if config.max_eval_examples > 0:
         held_out = held_out[:config.max_eval_examples]
     tokenizer = squad.bert_tokenizer(vocab_path)
     window = dict(max_seq_length=config.max_seq_length, doc_stride=config.doc_stride,
                   max_query_length=config.max_query_length)
-    return Task(name, train, held_out, squad.make_features(train, tokenizer, **window),
-                squad.make_features(held_out, tokenizer, **window), tokenizer, vocab_path, text)
+    return Task(name, train, held_out,
+                None if train is None else squad.make_features(train, tokenizer, **window),
+                squad.make_features(held_out, tokenizer, **window), tokenizer, vocab_path, text,
+                stream)
+
+
+def stream_batch(task: Task, config: QAConfig, step: int, seed: int) -> dict[str, np.ndarray]:
+    """``config.batch_size`` windows of fresh built-in questions, each window holding its answer
+    (every question has at least one: the windows cover the whole passage)."""
+    examples = task.train_stream.examples(step, config.batch_size, seed)
+    arrays = squad.make_features(examples, task.tokenizer, max_seq_length=config.max_seq_length,
+                                 doc_stride=config.doc_stride,
+                                 max_query_length=config.max_query_length).arrays()
+    rows = np.flatnonzero(arrays["start_positions"] > 0)[:config.batch_size]
+    return {k: arrays[k][rows] for k in ("input_ids", "token_type_ids", "attention_mask",
+                                         "start_positions", "end_positions")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,21 +422,35 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     num_params = bert.num_parameters(params)
-    steps = (config.num_train_steps if config.num_train_steps > 0 else
-             max(1, int(config.num_epochs * len(task.train_features) // config.batch_size)))
+    if config.num_train_steps > 0:
+        steps = config.num_train_steps
+    elif task.train_features is not None:
+        steps = max(1, int(config.num_epochs * len(task.train_features) // config.batch_size))
+    else:
+        raise ValueError("the built-in task makes fresh questions every step, so epochs mean "
+                         "nothing: set num_train_steps (--set num_train_steps=N)")
     wf.print(f"BERT {mcfg.num_layers} layers x {mcfg.hidden_size} ({mcfg.num_heads} heads, FFN "
              f"{mcfg.intermediate_size}, vocab {mcfg.vocab_size}): {num_params:,} parameters with "
              "the span head")
-    wf.print(f"{task.name}: {len(task.train_examples):,} training questions "
-             f"({len(task.train_features):,} windows of {config.max_seq_length} tokens, stride "
-             f"{config.doc_stride}), {len(task.eval_examples):,} held-out questions; {mesh.size} "
-             f"{mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, {steps} "
-             f"steps per phase, lr {config.learning_rate:g}, compute {config.compute_dtype}")
+    if task.train_stream is not None:
+        training = (f"fresh cloze questions on random-word passages every step ("
+                    f"{steps * config.batch_size:,} per phase)")
+    else:
+        training = (f"{len(task.train_examples):,} training questions "
+                    f"({len(task.train_features):,} windows")
+        training += f" of {config.max_seq_length} tokens, stride {config.doc_stride})"
+    wf.print(f"{task.name}: {training}, {len(task.eval_examples):,} held-out questions; "
+             f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
+             f"{steps} steps per phase, lr {config.learning_rate:g}, compute "
+             f"{config.compute_dtype}")
 
     logits_fn = make_logits_fn(graphdef, mesh)
     evaluate_fn = functools.partial(evaluate, logits_fn, task=task, config=config, mesh=mesh)
-    train_arrays = {k: v for k, v in task.train_features.arrays().items()}
-    next_batch = lambda step, seed: _epoch_batch(train_arrays, config.batch_size, seed, step)
+    if task.train_stream is not None:
+        next_batch = functools.partial(stream_batch, task, config)
+    else:
+        train_arrays = task.train_features.arrays()
+        next_batch = lambda step, seed: _epoch_batch(train_arrays, config.batch_size, seed, step)
 
     # 0. Pre-trained encoder: masked LM on the built-in text, or a Hugging Face checkpoint.
     pretrain_steps = 0
@@ -459,6 +492,9 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
     wf.print(f"[prune] 2:4 one-shot held-out F1 {one_shot['f1']:.2f}, exact match "
              f"{one_shot['exact_match']:.2f}")
 
+    # The train steps donate their input state: keep the dense weights for the control.
+    dense_params = jax.tree.map(jnp.copy, params) if config.control else None
+
     # 3. The same fine-tuning again, with the mask fixed and a fresh optimizer.
     sparse_tx = sparse_jax.masked(create_optimizer(config.learning_rate, config.weight_decay,
                                                    steps, config.warmup_fraction), masks)
@@ -468,6 +504,20 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
                                 evaluate_fn, resume)
     # The step donates its input state: the masks to use now are the state's.
     final_params, masks, sparse_eval = state["params"], state["masks"], progress["eval"]
+    retrain_seconds = progress["seconds"]
+
+    # 4. Optionally the fair comparison: the dense model fine-tuned as many more steps, unmasked.
+    control, control_seconds = None, 0.0
+    if config.control:
+        control_tx = create_optimizer(config.learning_rate, config.weight_decay, steps,
+                                      config.warmup_fraction)
+        control_state = {"params": dense_params, "opt_state": control_tx.init(dense_params)}
+        _, control_progress = run_phase(
+            wf, "control", control_state, make_qa_train_step(graphdef, control_tx, mesh),
+            functools.partial(next_batch, seed=config.seed + 2), steps, evaluate_fn, resume)
+        control, control_seconds = control_progress["eval"], control_progress["seconds"]
+        wf.print(f"[control] held-out F1 {control['f1']:.2f}, exact match "
+                 f"{control['exact_match']:.2f}")
     report = sparse_jax.sparsity_report(final_params, masks, 2, 4, rules=bert.PRUNING_RULES)
     exactly_sparse = exactly_masked(final_params, masks)
     wf.print(f"[retrain] held-out F1 {sparse_eval['f1']:.2f}, exact match "
@@ -481,17 +531,18 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
         "dense": dense_eval["f1"],
         "one_shot": one_shot["f1"],
         "sparse": sparse_eval["f1"],
-        "control": None,
+        "control": control["f1"] if control else None,
         "exact_match": {"dense": dense_eval["exact_match"], "one_shot": one_shot["exact_match"],
-                        "sparse": sparse_eval["exact_match"]},
+                        "sparse": sparse_eval["exact_match"],
+                        "control": control["exact_match"] if control else None},
         "steps": {"pretrain": pretrain_steps, "dense": dense_steps, "retrain": steps,
-                  "control": None},
+                  "control": steps if control else None},
         "batch_size": config.batch_size,
         "num_params": num_params,
         "eval_questions": sparse_eval["count"],
         "exactly_nm_sparse": exactly_sparse,
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
-        "training_seconds": round(dense_seconds + progress["seconds"], 1),
+        "training_seconds": round(dense_seconds + retrain_seconds + control_seconds, 1),
         **run_facts(started, mesh),
     }
     write_run_outputs(workdir, results, report, lambda path: metrics.plot_curves(
@@ -529,14 +580,18 @@ def export_onnx(mcfg: bert.BertConfig, params, max_seq_length: int, path: str) -
 
 def results_table(results: dict[str, Any]) -> str:
     em = results["exact_match"]
+    columns = [("dense", "dense"), ("2:4 one-shot", "one_shot"), ("2:4 retrained", "sparse")]
+    if results.get("control") is not None:
+        columns.append(("dense control", "control"))
     lines = [
-        "| model | dataset | dense F1 / EM | 2:4 one-shot F1 / EM | 2:4 retrained F1 / EM |",
-        "|---|---|---|---|---|",
-        f"| {results['model']} | {results['dataset']} | {results['dense']:.2f} / {em['dense']:.2f} "
-        f"| {results['one_shot']:.2f} / {em['one_shot']:.2f} "
-        f"| {results['sparse']:.2f} / {em['sparse']:.2f} |",
+        "| model | dataset | " + " | ".join(f"{title} F1 / EM" for title, _ in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+        f"| {results['model']} | {results['dataset']} | " + " | ".join(
+            f"{results[key]:.2f} / {em[key]:.2f}" for _, key in columns) + " |",
         f"steps: pretrain {results['steps']['pretrain']}, dense {results['steps']['dense']}, "
-        f"retrain {results['steps']['retrain']} (batch {results['batch_size']}); held-out "
+        f"retrain {results['steps']['retrain']}"
+        + (f", control {results['steps']['control']}" if results['steps'].get('control') else "")
+        + f" (batch {results['batch_size']}); held-out "
         f"questions: {results['eval_questions']}; {results['seconds']:.0f} s wall, "
         f"{results['cpu_seconds']:.0f} s CPU on {results['devices']} {results['platform']} device(s)",
     ]

@@ -1,21 +1,31 @@
 """The built-in task: extractive question answering on Python's own documentation.
 
 The text is ``pydoc_data.topics`` (the language reference sections ``help()`` shows, shipped with
-CPython): prose paragraphs, with code blocks and headings removed.
+CPython): prose paragraphs, with code blocks and headings removed, cut at sentence ends into
+passages of at most ``PASSAGE_WORDS`` words.
 
 **How the questions are made (cloze questions, not human-written ones).** For a sentence of a
-paragraph, one content word (4+ letters, not a stop word, not the sentence's first word) is
+passage, one content word (4+ letters, not a stop word, not the sentence's first word) is
 replaced by ``"what"``, and the question is that sentence, cut to at most ``QUESTION_WORDS``
 words on each side of the blank, with a ``"?"``. The answer is the removed word at its place in
-the paragraph (the context). E.g. from the ``for`` statement's paragraph: *"The first item
-provided by the what is then assigned to the target list?"* -> ``iterator``. The model must find
-the sentence in the context that matches the question and point at the word missing from it; it
-cannot answer from the question alone. SQuAD questions are paraphrased and need more reading,
-so the F1 here is not comparable with SQuAD's.
+the passage (the context). E.g. from the ``for`` statement's paragraph: *"The first item provided
+by the what is then assigned to the target?"* -> ``iterator``. The model must find the place in
+the context that matches the question and point at the word missing there; it cannot answer from
+the question alone. SQuAD questions are paraphrased and need more reading, so the F1 here is not
+comparable with SQuAD's.
 
-Train and held-out questions come from different topics (every ``EVAL_EVERY``-th topic is
-held out), so the held-out paragraphs are never seen in fine-tuning. The WordPiece vocabulary and
-the masked-LM pre-training use the text of the training topics only.
+**Held-out questions** are cloze questions on real passages of held-out topics (every
+``EVAL_EVERY``-th topic), never seen in pre-training or fine-tuning.
+
+**Training questions** are made fresh for every batch (``ClozeStream``), on passages of words
+drawn at random from the running text of the training topics (with their punctuation and case).
+Why not the real training passages: the training topics hold only about 22,000 words (about 900
+usable sentences), and a small model fine-tuned on cloze questions about them learns to recognise
+the sentences it has seen instead of matching question and passage (held-out F1 below 20 in every
+probe; ``recipes/README.md``). On random-word passages recognising cannot work, so it learns the
+matching, and that carries over to real held-out passages.
+
+The WordPiece vocabulary and the masked-LM pre-training use the real text of the training topics.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from recipes.common.squad import Answer, Example
 EVAL_EVERY = 6
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 QUESTION_WORDS = 6
-PASSAGE_WORDS = 60
+PASSAGE_WORDS = 25
 STOP_WORDS = frozenset("""
 about above after again against also among another because been before being below between both
 cannot could does doing down during each either else every from further have having here into
@@ -65,8 +75,9 @@ def topic_paragraphs() -> dict[str, list[str]]:
 
 
 def passages(paragraph: str, max_words: int = PASSAGE_WORDS) -> list[str]:
-    """A paragraph cut at sentence ends into passages of at most ``max_words`` words (a longer
-    sentence stays whole)."""
+    """A paragraph cut at sentence ends into passages of at most ``max_words`` words. A longer
+    sentence stays whole unless it exceeds ``1.5 * max_words`` words: then it is dropped (some
+    pydoc paragraphs have no sentence breaks; their windows would mostly miss the answer)."""
     result, current = [], []
     for sentence in _SENTENCE_END.split(paragraph):
         if current and len(" ".join(current + [sentence]).split()) > max_words:
@@ -75,7 +86,7 @@ def passages(paragraph: str, max_words: int = PASSAGE_WORDS) -> list[str]:
         current.append(sentence)
     if current:
         result.append(" ".join(current))
-    return result
+    return [p for p in result if len(p.split()) <= 1.5 * max_words]
 
 
 def split_topics(paragraphs: dict[str, list[str]]) -> tuple[list[str], list[str]]:
@@ -111,15 +122,46 @@ def cloze_examples(topic: str, paragraphs: list[str], rng: np.random.Generator,
     return examples
 
 
-def builtin_task(seed: int = 0, max_eval_questions: int = 500):
-    """``(train examples, held-out examples, pre-training text lines)`` of the built-in task."""
+class ClozeStream:
+    """Fresh training questions for every step: cloze questions (see the module docstring) on
+    passages of ``min_words`` to ``max_words`` words drawn at random, with replacement, from
+    ``words`` (running text, punctuation kept). ``examples(step, count, seed)`` depends only on
+    its arguments, so a resumed run sees the same questions."""
+
+    def __init__(self, words: list[str], min_words: int = 15, max_words: int = PASSAGE_WORDS):
+        if not words or min_words < 6 or max_words < min_words:
+            raise ValueError(f"ClozeStream: {len(words)} words, min_words {min_words}, max_words "
+                             f"{max_words}; expected words, 6 <= min_words <= max_words")
+        self.words = np.asarray(words, dtype=object)
+        self.min_words, self.max_words = min_words, max_words
+
+    def passage(self, rng: np.random.Generator) -> str:
+        count = int(rng.integers(self.min_words, self.max_words + 1))
+        words = self.words[rng.integers(len(self.words), size=count)].tolist()
+        words[0] = words[0][:1].upper() + words[0][1:]
+        return " ".join(words).rstrip(".,;:") + "."
+
+    def examples(self, step: int, count: int, seed: int = 0) -> list[Example]:
+        rng = np.random.default_rng([seed, 11, step])
+        result = []
+        while len(result) < count:
+            # One question per sentence; keep one of them per passage.
+            questions = cloze_examples(f"random-{seed}-{step}-{len(result)}",
+                                       [self.passage(rng)], rng)
+            if questions:
+                result.append(questions[int(rng.integers(len(questions)))])
+        return result
+
+
+def builtin_task(seed: int = 0, max_eval_questions: int = 500
+                 ) -> tuple[ClozeStream, list[Example], list[str]]:
+    """``(training question stream, held-out examples, pre-training text lines)``."""
     paragraphs = topic_paragraphs()
     train_topics, eval_topics = split_topics(paragraphs)
     # Some paragraphs appear under several topics: keep the held-out ones unseen in training.
     seen = {p for t in train_topics for p in paragraphs[t]}
     held_paragraphs = {t: [p for p in paragraphs[t] if p not in seen] for t in eval_topics}
     rng = np.random.default_rng(seed)
-    train = [e for t in train_topics for e in cloze_examples(t, paragraphs[t], rng, per_sentence=3)]
     held_out = [e for t in eval_topics
                 for e in cloze_examples(t, held_paragraphs[t], rng, per_sentence=3)]
     if max_eval_questions > 0 and len(held_out) > max_eval_questions:
@@ -127,7 +169,7 @@ def builtin_task(seed: int = 0, max_eval_questions: int = 500):
                                                               replace=False))
         held_out = [held_out[i] for i in keep]
     text = [p for t in train_topics for p in paragraphs[t]]
-    return train, held_out, text
+    return ClozeStream([w for line in text for w in line.split()]), held_out, text
 
 
 def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -> str:
