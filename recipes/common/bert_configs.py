@@ -84,7 +84,7 @@ def squad_config() -> QAConfig:
 
 
 def builtin_config() -> QAConfig:
-    """The default: a 2-layer, 64-wide BERT on the pydoc task, about 8 minutes on 2 cores.
+    """The default: a 2-layer, 64-wide BERT on the pydoc task, about 6 minutes on 2 cores.
 
     Fresh questions every step (``qa_data.ClozeStream``), so a fixed step count, not epochs.
     float32: bfloat16 is no faster on the CPU, and the probes that chose these settings used it.

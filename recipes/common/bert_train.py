@@ -127,6 +127,10 @@ def stream_batch(task: Task, config: QAConfig, step: int, seed: int) -> dict[str
                                  doc_stride=config.doc_stride,
                                  max_query_length=config.max_query_length).arrays()
     rows = np.flatnonzero(arrays["start_positions"] > 0)[:config.batch_size]
+    if len(rows) < config.batch_size:
+        raise ValueError(f"max_seq_length {config.max_seq_length} with max_query_length "
+                         f"{config.max_query_length}: only {len(rows)} of {config.batch_size} "
+                         "questions have a window holding their answer; raise max_seq_length")
     return {k: arrays[k][rows] for k in ("input_ids", "token_type_ids", "attention_mask",
                                          "start_positions", "end_positions")}
 
@@ -436,9 +440,8 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
         training = (f"fresh cloze questions on random-word passages every step ("
                     f"{steps * config.batch_size:,} per phase)")
     else:
-        training = (f"{len(task.train_examples):,} training questions "
-                    f"({len(task.train_features):,} windows")
-        training += f" of {config.max_seq_length} tokens, stride {config.doc_stride})"
+        training = (f"{len(task.train_examples):,} training questions ({len(task.train_features):,}"
+                    f" windows of {config.max_seq_length} tokens, stride {config.doc_stride})")
     wf.print(f"{task.name}: {training}, {len(task.eval_examples):,} held-out questions; "
              f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
              f"{steps} steps per phase, lr {config.learning_rate:g}, compute "
