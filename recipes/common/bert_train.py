@@ -509,6 +509,11 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
     final_params, masks, sparse_eval = state["params"], state["masks"], progress["eval"]
     retrain_seconds = progress["seconds"]
 
+    report = sparse_jax.sparsity_report(final_params, masks, 2, 4, rules=bert.PRUNING_RULES)
+    exactly_sparse = exactly_masked(final_params, masks)
+    wf.print(f"[retrain] held-out F1 {sparse_eval['f1']:.2f}, exact match "
+             f"{sparse_eval['exact_match']:.2f} (weights exactly 2:4: {exactly_sparse})")
+
     # 4. Optionally the fair comparison: the dense model fine-tuned as many more steps, unmasked.
     control, control_seconds = None, 0.0
     if config.control:
@@ -521,10 +526,6 @@ def train_and_evaluate(config: QAConfig, workdir: str, *, resume: bool = False,
         control, control_seconds = control_progress["eval"], control_progress["seconds"]
         wf.print(f"[control] held-out F1 {control['f1']:.2f}, exact match "
                  f"{control['exact_match']:.2f}")
-    report = sparse_jax.sparsity_report(final_params, masks, 2, 4, rules=bert.PRUNING_RULES)
-    exactly_sparse = exactly_masked(final_params, masks)
-    wf.print(f"[retrain] held-out F1 {sparse_eval['f1']:.2f}, exact match "
-             f"{sparse_eval['exact_match']:.2f} (weights exactly 2:4: {exactly_sparse})")
 
     results = {
         "model": f"bert_{config.size}" if not config.builtin else
