@@ -98,8 +98,9 @@ def builtin_config() -> QAConfig:
 
 
 def smoke_config(base: QAConfig) -> QAConfig:
-    """A tiny model and a few steps that run every code path."""
+    """A tiny model and a few steps that run every code path (bf16 compute, as at full scale)."""
     return base.replace(
+        compute_dtype="bfloat16",
         hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=1000,
         max_seq_length=64, doc_stride=24, max_query_length=24, pretrain_steps=4 if base.builtin else 0,
         pretrain_batch_size=8, batch_size=8, eval_batch_size=16, num_train_steps=4,
