@@ -72,13 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "fresh questions every step: use --steps)")
     parser.add_argument("--steps", type=int, help="steps of each fine-tuning phase")
     parser.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also fine-tune the dense model for the retraining steps, unmasked "
-                             "(the fair comparison; off by default)")
-    parser.add_argument("--export-onnx", metavar="PATH", help="also export the final 2:4 model "
-                        "to ONNX (float32, [1, max_seq_length] int32 inputs) for TensorRT; needs "
-                        "the export extra (see README); check it with sparse-jax-inspect PATH")
+    cli.add_device_arguments(
+        parser, control_default="off by default", workers_note=None,
+        exported="the final 2:4 model (float32, [1, max_seq_length] int32 inputs)")
     cli.add_run_arguments(parser, "recipes/common/bert_configs.py", "--set max_seq_length=512")
     return parser
 

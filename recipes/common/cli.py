@@ -64,11 +64,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_file: str, set_exa
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, *, control_default: str,
-                         exported: str | None, workers_note: str = "full recipe: 8") -> None:
-    """--devices, --workers, --control and (when ``exported`` says what is written) --export-onnx,
-    with the recipe's own words: ``control_default`` says when the control phase is on."""
+                         exported: str | None, workers_note: str | None = "full recipe: 8") -> None:
+    """--devices, --workers (unless ``workers_note`` is None: no grain pipeline), --control and
+    (when ``exported`` says what is written) --export-onnx, with the recipe's own words:
+    ``control_default`` says when the control phase is on."""
     parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    parser.add_argument("--workers", type=int, help=f"grain worker processes ({workers_note})")
+    if workers_note is not None:
+        parser.add_argument("--workers", type=int, help=f"grain worker processes ({workers_note})")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the dense model for the retraining steps (the fair "
                         f"comparison; {control_default})")
