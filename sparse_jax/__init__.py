@@ -11,7 +11,7 @@ from sparse_jax._prune import (
     prune,
     sparsity_report,
 )
-from sparse_jax._selection import LeafPlan, plan_tree
+from sparse_jax._selection import LeafPlan, Layout, plan_tree
 
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
