@@ -203,6 +203,8 @@ class ReportRow:
     size: int
     nonzero: int
     nm_ok: bool | None  # is the parameter itself N:M on `axis`? None if skipped
+    stacked_axes: tuple[int, ...] = ()  # layer axes: every slice along them is one layer
+    source: str = "default"  # where the axis came from (see `LeafPlan.source`)
 
     @property
     def density(self) -> float:
@@ -236,15 +238,20 @@ class SparsityReport:
         return all(r.nm_ok for r in self.rows if r.pruned)
 
     def __str__(self) -> str:
-        header = ("path", "shape", "axis", "status", "density", f"{self.n}:{self.m}", "why")
+        header = (
+            "path", "shape", "axis", "stacked", "status", "density", f"{self.n}:{self.m}",
+            "from", "why",
+        )
         body = [
             (
                 r.path,
                 "x".join(map(str, r.shape)) or "()",
                 "-" if r.axis is None else str(r.axis),
+                ",".join(map(str, r.stacked_axes)) or "-",
                 "pruned" if r.pruned else "skipped",
                 f"{r.density:.3f}",
                 "-" if r.nm_ok is None else ("yes" if r.nm_ok else "NO"),
+                r.source,
                 r.reason,
             )
             for r in self.rows
@@ -309,6 +316,8 @@ def sparsity_report(
                 size=int(array.size),
                 nonzero=int(jnp.count_nonzero(array)),
                 nm_ok=nm_ok,
+                stacked_axes=plan.stacked_axes,
+                source=plan.source if masks is None or plan.pruned == pruned else "mask",
             )
         )
     report = SparsityReport(rows=tuple(rows), n=int(n), m=int(m))

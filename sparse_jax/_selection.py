@@ -16,17 +16,40 @@ attention ``out`` kernel ``(heads, dim, out)``  -2 (``dim``, contiguous in
                                                 axis is not in the shape)
 ==============================================  ==========================
 
-Skipped by default: non-float leaves, leaves with fewer than 2 dimensions
-(biases, norm scales, scalars), leaves named ``bias``/``scale``/``embedding``
-(and anything under an ``embed`` module), norm statistics, and leaves whose
-reduction size is not a multiple of ``m``. Optionally ASP's size rule too.
+Stacked layers (Linen ``nn.scan``, ``nnx.scan``/``nnx.vmap``, MaxText) carry
+extra *stacked* axes that are never a group axis: the reduction axis is
+chosen among the other axes exactly as for one layer, so every layer slice is
+pruned on its own. Stacked axes come from, in this order:
+
+1. a rule whose action is a `Layout` (``stacked=k`` leading axes, a tuple of
+   axis indices, or logical axis names);
+2. logical axis names the params carry (NNX ``Param`` metadata
+   ``out_sharding``/``sharding_names``, Linen ``nn.LogicallyPartitioned`` /
+   ``nn.Partitioned``): an axis named ``"layers"`` is stacked;
+3. the layer kind the path names (``query``/``key``/``value``/``qkv``: 3 dims;
+   ``out``: 3; ``Dense_0``, ``linear``, ``fc1``, ``mlp``, ``q_proj``, ...: 2;
+   ``conv``: 3 to 5): a leaf with more dims than its kind explains is stacked
+   over the extra leading axes.
+
+Without a kind, a 2-d leaf is a dense kernel and a 4-d or 5-d one a conv
+kernel; a 3-d leaf of unknown kind is skipped as ambiguous (a ``Conv1D``
+``(k, in, out)``, a stacked dense ``(layers, in, out)`` and MaxText's
+``(embed, layers, mlp)`` look alike): name its layout with a rule, or let
+`sparse_jax.rules_from_computation` read it from the model's computation.
+
+Skipped by default: non-float leaves, leaves with fewer than 2 non-stacked
+dimensions (biases, norm scales, scalars), leaves named
+``bias``/``scale``/``embedding`` (and anything under an ``embed`` module), norm
+statistics, and leaves whose reduction size is not a multiple of ``m``.
+Optionally ASP's size rule too.
 
 User rules come first: a sequence of ``(regex, action)`` pairs matched with
 ``re.search`` against the leaf's path (``'encoder/layers/0/mlp/kernel'``);
 the first match decides. An action is ``"skip"`` (or ``None``), an ``int``
-axis to prune along, or ``"default"`` to fall through to the default rules.
-A forced axis is validated strictly: a size that ``m`` does not divide or a
-non-float leaf raises rather than being skipped.
+axis to prune along, a `Layout`, or ``"default"`` to fall through to the
+default rules. A forced axis is validated strictly: a size that ``m`` does
+not divide, a stacked axis or a non-float leaf raises rather than being
+skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any, Union
 
 import jax
@@ -60,18 +83,34 @@ class Layout:
       source: where the layout comes from, for reports: ``"rule"`` (written by
         the user) or ``"computation"`` (`sparse_jax.rules_from_computation`).
 
-    Example:
-      >>> import sparse_jax
-      >>> rules = [(r"layers/.*/kernel$", sparse_jax.Layout(stacked=1))]
+    Examples (rules are ``(regex, action)`` pairs, first match wins):
+      >>> import jax.numpy as jnp, sparse_jax
+      >>> params = {"blocks": {"mlp": {"kernel": jnp.ones((6, 16, 32))}}}
+      >>> rules = [(r"^blocks/", sparse_jax.Layout(stacked=1))]  # 1 leading layer axis
+      >>> [(p.axis, p.stacked_axes) for p in sparse_jax.plan_tree(params, rules=rules)]
+      [(1, (0,))]
+
+      A catch-all rule with logical names marks axes named ``"stage"`` (as NNX
+      ``Param`` metadata or Linen ``nn.LogicallyPartitioned`` carry them) as
+      stacked, in place of the default name ``"layers"``:
+
+      >>> rules = [(".*", sparse_jax.Layout(stacked=("stage",)))]
     """
 
     axis: int | None = None
-    stacked: int | tuple[int, ...] = ()
+    stacked: int | tuple[int | str, ...] = ()
     skip: str | None = None
     source: str = "rule"
 
-    def stacked_axes(self, ndim: int, *, where: str = "") -> tuple[int, ...]:
-        """The stacked axes as sorted non-negative indices for a leaf of ``ndim`` dims."""
+    def stacked_axes(
+        self, ndim: int, names: tuple[str | None, ...] | None = None, *, where: str = ""
+    ) -> tuple[int, ...]:
+        """The stacked axes as sorted non-negative indices for a leaf of ``ndim`` dims.
+
+        A string in ``stacked`` names a logical axis: it marks the axes of a
+        leaf whose logical names (``names``) include it, and nothing on a leaf
+        without such an axis.
+        """
         if isinstance(self.stacked, (int, np.integer)) and not isinstance(self.stacked, bool):
             if not 0 <= self.stacked < ndim:
                 raise ValueError(
@@ -79,10 +118,23 @@ class Layout:
                     f"axes than the leaf's {ndim} dims"
                 )
             return tuple(range(int(self.stacked)))
-        axes = tuple(sorted({_patterns.normalize_axis(int(a), ndim, where=where) for a in self.stacked}))
-        if len(axes) >= ndim:
+        axes = set()
+        for entry in self.stacked:
+            if isinstance(entry, str):
+                if names is not None and len(names) == ndim:
+                    axes.update(i for i, name in enumerate(names) if name == entry)
+            else:
+                axes.add(_patterns.normalize_axis(int(entry), ndim, where=where))
+        if axes and len(axes) >= ndim:
             raise ValueError(f"{where}Layout(stacked={self.stacked}) leaves no axis to prune along")
-        return axes
+        return tuple(sorted(axes))
+
+    @property
+    def names_stacked(self) -> bool:
+        """Whether ``stacked`` names logical axes (which replace the default names)."""
+        return not isinstance(self.stacked, (int, np.integer)) and any(
+            isinstance(e, str) for e in self.stacked
+        )
 
 
 Action = Union[int, str, None, Layout]
@@ -161,7 +213,7 @@ _KIND_PATTERNS = (
     (
         "dense",
         re.compile(
-            r"^(dense|linear|denseg?eneral|lineargeneral)(_\d+)?$|^(fc|mlp|ffn|wi|wo|wq|wk|wv|"
+            r"^(dense|linear|densegeneral|lineargeneral|fc|mlp|ffn|wi|wo|wq|wk|wv|"
             r"[qkvo]_proj|out_proj|up_proj|down_proj|gate_proj|c_fc|c_proj|c_attn|lm_head|"
             r"classifier|intermediate|output)(_?\d+)?$"
         ),
@@ -231,7 +283,6 @@ def _plan_leaf(
     rules: list[tuple[re.Pattern[str], Action]],
     asp_size_rule: bool,
     names: tuple[str | None, ...] | None = None,
-    stacked_names: Collection[str] = DEFAULT_STACKED_NAMES,
 ) -> LeafPlan:
     # Abstract leaves (jax.ShapeDtypeStruct, from nnx.eval_shape) are planned too.
     shape = tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
@@ -240,9 +291,7 @@ def _plan_leaf(
     stacked: tuple[int, ...] = ()
     source = "default"
     if names is not None and len(names) == len(shape):
-        stacked = tuple(i for i, name in enumerate(names) if name in stacked_names)
-        if stacked:
-            source = "names"
+        stacked = tuple(i for i, name in enumerate(names) if name in DEFAULT_STACKED_NAMES)
 
     def plan(axis: int | None, reason: str) -> LeafPlan:
         return LeafPlan(path, shape, str(dtype), axis, reason, stacked, source)
@@ -265,7 +314,8 @@ def _plan_leaf(
         if isinstance(action, Layout):
             label = "the computation" if action.source == "computation" else f"rule {pattern.pattern!r}"
             source = action.source
-            stacked = action.stacked_axes(len(shape), where=where) if action.stacked != () else stacked
+            if action.stacked != () or action.names_stacked:
+                stacked = action.stacked_axes(len(shape), names, where=where)
             if action.skip is not None:
                 return plan(None, f"{action.skip} ({label})")
             if action.axis is None:
@@ -281,6 +331,8 @@ def _plan_leaf(
         axis = _patterns.check_nm_args(shape, n, m, forced_axis, where=where)
         return plan(axis, f"pruned along axis {axis} by {label}")
 
+    if stacked and source == "default":
+        source = "names"
     if not jnp.issubdtype(dtype, jnp.floating):
         return plan(None, f"not floating-point ({dtype})")
     if len(shape) - len(stacked) < 2:
@@ -345,7 +397,6 @@ def plan_tree(
     rules: Rules | None = None,
     *,
     asp_size_rule: bool = False,
-    stacked_names: Collection[str] = DEFAULT_STACKED_NAMES,
 ) -> list[LeafPlan]:
     """Decides, for each leaf of ``params``, whether and along which axis to prune.
 
@@ -356,9 +407,6 @@ def plan_tree(
       m: group size.
       rules: user rules, ``(regex, action)`` pairs tried before the defaults.
       asp_size_rule: also skip layers ASP would skip (in % 16 or out % 8).
-      stacked_names: logical axis names that mark a stacked (layer) axis, read
-        from NNX ``Param`` metadata (``sharding_names``) or Linen
-        ``nn.LogicallyPartitioned`` / ``nn.Partitioned`` boxes.
 
     Returns:
       One `LeafPlan` per leaf, in ``jax.tree.leaves(params)`` order.
@@ -367,11 +415,7 @@ def plan_tree(
     compiled = _validate_rules(rules)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     names = leaf_names(params)
-    stacked_names = frozenset(stacked_names)
     return [
-        _plan_leaf(
-            _paths.path_to_str(path), leaf, n, m, compiled, asp_size_rule, leaf_axis_names,
-            stacked_names,
-        )
+        _plan_leaf(_paths.path_to_str(path), leaf, n, m, compiled, asp_size_rule, leaf_axis_names)
         for (path, leaf), leaf_axis_names in zip(leaves, names)
     ]
