@@ -97,6 +97,18 @@ def save_compressed(
 
     Raises:
       ValueError: if a masked leaf is not 2:4 on its axis (names the leaf).
+
+    Example:
+      >>> import tempfile, jax, numpy as np, sparse_jax
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
+      >>> params, masks = sparse_jax.prune(params)
+      >>> directory = tempfile.mkdtemp() + "/ckpt"
+      >>> stats = sparse_jax.save_compressed(directory, params, masks)
+      >>> round(stats.stored_fraction, 3)  # float32: half the values + 2 bits each
+      0.531
+      >>> restored = sparse_jax.restore_compressed(directory, params)
+      >>> bool(np.array_equal(restored["dense"]["kernel"], params["dense"]["kernel"]))
+      True
     """
     import orbax.checkpoint as ocp
 

@@ -97,6 +97,17 @@ def to_onnx(
 
     Returns:
       The ``onnx.ModelProto`` that was written.
+
+    Example (needs the ``export`` extra and jax2onnx):
+      >>> import tempfile, jax.numpy as jnp, sparse_jax
+      >>> from flax import nnx
+      >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+      >>> pruned, _ = sparse_jax.prune(nnx.state(model, nnx.Param))
+      >>> nnx.update(model, pruned)
+      >>> path = tempfile.mkdtemp() + "/linear.onnx"
+      >>> _ = sparse_jax.export.to_onnx(model, [jnp.zeros((1, 8))], path)
+      >>> [c.is_24 for c in sparse_jax.inspect.inspect_onnx(path)]
+      [True]
     """
     try:
         import jax2onnx

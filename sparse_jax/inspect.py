@@ -80,7 +80,15 @@ class LayerCheck:
 
 
 def is_24_along(weight: np.ndarray, axis: int) -> tuple[bool, str]:
-    """Whether ``weight`` is 2:4 along ``axis``, with a note when it cannot be."""
+    """Whether ``weight`` is 2:4 along ``axis``, with a note when it cannot be.
+
+    Example:
+      >>> import numpy as np
+      >>> from sparse_jax.inspect import is_24_along
+      >>> w = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0]])
+      >>> is_24_along(w, 0), is_24_along(w, 1)[0]
+      ((True, ''), False)
+    """
     if weight.ndim == 0 or weight.shape[axis] % 4:
         return False, f"axis {axis} has size {weight.shape[axis] if weight.ndim else 0}, not a multiple of 4"
     moved = np.moveaxis(weight != 0, axis, -1)
@@ -177,7 +185,21 @@ def _weight_axis(node: Any, input_index: int, ndim: int) -> int:
 
 
 def inspect_onnx(model: Any) -> list[LayerCheck]:
-    """Checks every Conv / MatMul / Gemm weight of an ONNX model (path or ModelProto)."""
+    """Checks every Conv / MatMul / Gemm weight of an ONNX model (path or ModelProto).
+
+    Example (a one-layer graph whose MatMul weight ``B[K, N]`` is 2:4 along K):
+      >>> import numpy as np
+      >>> from onnx import TensorProto, helper, numpy_helper
+      >>> from sparse_jax.inspect import inspect_onnx
+      >>> b = np.tile(np.array([[1.0], [0.0], [0.0], [2.0]], np.float32), (2, 3))
+      >>> graph = helper.make_graph(
+      ...     [helper.make_node("MatMul", ["x", "B"], ["y"], name="fc")], "g",
+      ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+      ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+      ...     [numpy_helper.from_array(b, "B")])
+      >>> [(c.layer, c.axis, c.is_24) for c in inspect_onnx(helper.make_model(graph))]
+      [('fc', 0, True)]
+    """
     import onnx
 
     if not isinstance(model, onnx.ModelProto):

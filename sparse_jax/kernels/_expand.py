@@ -29,6 +29,16 @@ def expand_phase_major(lo: jax.Array, hi: jax.Array, words: jax.Array, dtype) ->
 
     Returns:
       ``(4 * G, block_n)`` with row ``p * G + g`` = dense row ``4g + p``.
+
+    Example (8 groups, one column; `permute_k` of the dense rows is the same tile):
+      >>> import jax, jax.numpy as jnp, numpy as np, sparse_jax
+      >>> from sparse_jax.kernels import expand_phase_major, permute_k
+      >>> w = sparse_jax.prune({"w": jax.random.normal(jax.random.key(0), (32, 1))})[0]["w"]
+      >>> s = sparse_jax.compress(w, axis=0)
+      >>> words = jax.lax.bitcast_convert_type(s.meta, jnp.int32)
+      >>> tile = expand_phase_major(s.values[0::2], s.values[1::2], words, jnp.float32)
+      >>> bool(np.array_equal(tile, permute_k(w.T, 32).T))
+      True
     """
     groups, block_n = lo.shape
     word_rows = words.shape[0]
@@ -57,7 +67,15 @@ def expand_phase_major(lo: jax.Array, hi: jax.Array, words: jax.Array, dtype) ->
 
 def permute_k(x: jax.Array, block_k: int) -> jax.Array:
     """Columns of ``x`` (``(M, K)``, ``K`` a multiple of ``block_k``) in phase-major order
-    per ``block_k`` tile: column ``4g + p`` of a tile moves to ``p * block_k/4 + g``."""
+    per ``block_k`` tile: column ``4g + p`` of a tile moves to ``p * block_k/4 + g``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from sparse_jax.kernels import permute_k, unpermute_k
+      >>> x = jnp.arange(8.0).reshape(1, 8)
+      >>> permute_k(x, 8).astype(int).tolist(), bool((unpermute_k(permute_k(x, 8), 8) == x).all())
+      ([[0, 4, 1, 5, 2, 6, 3, 7]], True)
+    """
     m, k = x.shape
     return x.reshape(m, k // block_k, block_k // 4, 4).swapaxes(2, 3).reshape(m, k)
 

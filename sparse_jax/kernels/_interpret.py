@@ -15,6 +15,19 @@ def mosaic_gpu_interpret_mode():
 
     Raises:
       RuntimeError: if this jax has no Mosaic GPU interpret mode.
+
+    Example (the Mosaic GPU kernel on the CPU, where ``interpret=True`` enters
+    this context around the kernel; a few seconds):
+      >>> import jax, jax.numpy as jnp, numpy as np, sparse_jax
+      >>> from sparse_jax import kernels
+      >>> w = jax.random.normal(jax.random.key(0), (64, 64), jnp.bfloat16)
+      >>> s = sparse_jax.compress(w, axis=0, prune=True)
+      >>> x = jax.random.normal(jax.random.key(1), (2, 64), jnp.bfloat16)
+      >>> y = kernels.sparse24_matmul_mosaic(x, s.values, s.meta, k_dense=64,
+      ...                                    tiles=kernels.Tiles(64, 64, 64), interpret=True)
+      >>> want = x.astype(np.float32) @ sparse_jax.decompress(s).astype(np.float32)
+      >>> bool(np.allclose(y.astype(np.float32), want, rtol=2e-2, atol=5e-2))
+      True
     """
     try:
         from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params

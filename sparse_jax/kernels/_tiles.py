@@ -50,6 +50,11 @@ def choose_tiles(m: int, k: int, n: int, *, min_block_m: int = 16) -> Tiles:
 
     ``k`` is the padded reduction size (a multiple of 32); the wrapper pads any
     dimension the tiles do not divide.
+
+    Example (one decode row: the smallest ``block_m``, ``block_n`` shrunk for parallelism):
+      >>> from sparse_jax.kernels import choose_tiles
+      >>> choose_tiles(1, 4096, 4096)
+      Tiles(block_m=16, block_k=128, block_n=32)
     """
     block_m = min_block_m
     while block_m < min(m, 128):
