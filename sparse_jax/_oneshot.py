@@ -263,19 +263,23 @@ def sparsegpt(
 
 
 def _inverse_hessian_factor(hessian: jax.Array, damp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Upper Cholesky factor U of the damped inverse (U^T U = (H + lambda I)^-1)."""
+    """Upper Cholesky factor U of the damped inverse (U^T U = (H + lambda I)^-1).
+
+    With J the order-reversing permutation and J H J = L L^T, the inverse is
+    H^-1 = (J L^-T J)(J L^-1 J) and J L^-1 J is upper triangular with a
+    positive diagonal: it is U. One Cholesky and one triangular inverse, no
+    explicit inverse of H.
+    """
     h = hessian.astype(jnp.float32)
     h = 0.5 * (h + h.T)
-    diag = jnp.diagonal(h)
-    dead = diag == 0
+    dead = jnp.diagonal(h) == 0
     h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
     damping = damp * jnp.mean(jnp.diagonal(h))
     h = h + damping * jnp.eye(h.shape[0], dtype=jnp.float32)
-    lower = jnp.linalg.cholesky(h)
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
     eye = jnp.eye(h.shape[0], dtype=jnp.float32)
-    inverse = jax.scipy.linalg.cho_solve((lower, True), eye)
-    inverse = 0.5 * (inverse + inverse.T)
-    upper = jnp.linalg.cholesky(inverse).T
+    lower_inverse = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+    upper = lower_inverse[::-1, ::-1]
     return upper, dead
 
 
@@ -296,6 +300,7 @@ def _sparsegpt(kernel, hessian, damp, *, n, m, axis, block_size):
         upper = upper.at[size:, size:].set(jnp.eye(extra, dtype=jnp.float32))
     groups_per_block = block_size // m
     column = jnp.arange(padded)
+    block_column = jnp.arange(block_size)
 
     def prune_block(block, carry):
         weights, mask = carry
@@ -303,25 +308,32 @@ def _sparsegpt(kernel, hessian, damp, *, n, m, axis, block_size):
         block_weights = jax.lax.dynamic_slice_in_dim(weights, start, block_size, 0)
         factor_rows = jax.lax.dynamic_slice_in_dim(upper, start, block_size, 0)
         factor = jax.lax.dynamic_slice_in_dim(factor_rows, start, block_size, 1)
-        factor_diag = jnp.diagonal(factor)
 
         def prune_group(group, state):
             block_weights, block_mask, errors = state
             first = group * m
             group_weights = jax.lax.dynamic_slice_in_dim(block_weights, first, m, 0)
-            group_diag = jax.lax.dynamic_slice_in_dim(factor_diag, first, m, 0)
+            group_rows = jax.lax.dynamic_slice_in_dim(factor, first, m, 0)  # (m, block)
+            group_factor = jax.lax.dynamic_slice_in_dim(group_rows, first, m, 1)  # (m, m)
+            group_diag = jnp.diagonal(group_factor)
             score = group_weights**2 / (group_diag[:, None] ** 2)
             group_mask = _patterns._nm_mask(score, n=n, m=m, axis=0)
+            group_errors = []
+            for j in range(m):  # static: m is small; U upper, so only rows >= j change
+                error = jnp.where(group_mask[j], 0.0, group_weights[j]) / group_diag[j]
+                group_weights = group_weights - group_factor[j][:, None] * error[None, :]
+                group_errors.append(error)
+            group_errors = jnp.stack(group_errors)
+            block_weights = jax.lax.dynamic_update_slice_in_dim(
+                block_weights, group_weights, first, 0
+            )
+            # Lazy update of the block's rows after this group (a rank-m update).
+            later_in_block = jnp.where(block_column[None, :] >= first + m, group_rows, 0.0)
+            block_weights = block_weights - jnp.matmul(
+                later_in_block.T, group_errors, precision=_HIGHEST
+            )
             block_mask = jax.lax.dynamic_update_slice_in_dim(block_mask, group_mask, first, 0)
-            for offset in range(m):  # static: m is small
-                j = first + offset
-                row = jax.lax.dynamic_index_in_dim(block_weights, j, 0, keepdims=False)
-                kept = jax.lax.dynamic_index_in_dim(block_mask, j, 0, keepdims=False)
-                error = jnp.where(kept, 0.0, row) / factor_diag[j]
-                # U is upper triangular, so rows before j are left untouched.
-                factor_row = jax.lax.dynamic_index_in_dim(factor, j, 0, keepdims=False)
-                block_weights = block_weights - factor_row[:, None] * error[None, :]
-                errors = jax.lax.dynamic_update_index_in_dim(errors, error, j, 0)
+            errors = jax.lax.dynamic_update_slice_in_dim(errors, group_errors, first, 0)
             return block_weights, block_mask, errors
 
         block_mask = jnp.zeros((block_size, outputs), bool)

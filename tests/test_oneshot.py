@@ -44,10 +44,8 @@ def reference_sparsegpt(kernel, hessian, n=2, m=4, damp=0.01):
                 if 0 < n < m:
                     hi, lo = scores[order[n - 1]], scores[order[n]]
                     min_margin = min(min_margin, (hi - lo) / max(hi, 1e-300))
-        for o in range(outputs):
-            error = 0.0 if mask[j, o] else w[j, o] / u[j, j]
-            for r in range(j, size):
-                w[r, o] -= u[j, r] * error
+        error = np.where(mask[j], 0.0, w[j] / u[j, j])  # (out,)
+        w[j:] -= np.outer(u[j, j:], error)
     return np.where(mask, w, 0.0), mask, min_margin
 
 
