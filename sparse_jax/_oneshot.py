@@ -16,9 +16,15 @@ Two layer-level methods, both for a kernel whose groups of ``m`` run along
 
 Both compute in float32 whatever the kernel's dtype and return the pruned
 kernel in that dtype. For an N-D kernel the rule is simple: the statistics
-cover exactly the entries of ``axis`` and every other axis is an output (for a
-convolution, where the contraction also runs over the spatial taps, the caller
-passes a kernel reshaped so that ``axis`` holds all contracted entries).
+cover exactly the entries of ``axis`` and every other axis is an output.
+For a convolution kernel ``(h, w, in, out)`` that means, with ``axis=2``, one
+Hessian over the input channels shared by all spatial taps (the taps'
+cross-correlations ignored). The exact layer objective instead contracts over
+``(h, w, in)`` jointly: reshape the kernel to ``(h * w * in, out)``, pass the
+Hessian of the image patches flattened in the same ``(h, w, in)`` order and
+``axis=0``; as ``in`` is innermost, groups of ``m`` along the flattened axis
+are then groups of ``m`` input channels at one tap (when ``m`` divides
+``in``), i.e. the same N:M pattern along ``in``.
 
 `CalibrationStats` accumulates the statistics both methods need from batches
 of layer inputs.
