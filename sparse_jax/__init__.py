@@ -13,6 +13,14 @@ from sparse_jax._prune import (
 )
 from sparse_jax._selection import LeafPlan, Layout, plan_tree
 
+# --- one-shot pruning from calibration statistics: SparseGPT, Wanda (issue 20) ---
+from sparse_jax._oneshot import (
+    CalibrationStats,
+    sparsegpt,
+    update_calibration_stats,
+    wanda,
+)
+
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
 from sparse_jax._matmul import matmul
