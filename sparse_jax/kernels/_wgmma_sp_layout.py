@@ -25,7 +25,7 @@ the hardware that CUTLASS's sparse GEMMs rely on.
    indices in a 4-bit field; the nibbles 0b0000, 0b0101, 0b1010, 0b1111 (both indices equal)
    are undefined behaviour. Index of the first kept value in the low 2 bits, as in
    `Sparse24`'s ``meta``: this order is what the ISA's Figure 111 example shows for
-   ``mma.sp``; [GPU] confirm it for wgmma (``test_wgmma_sp_*`` marked ``gpu``).
+   ``mma.sp``; [GPU] confirm it for wgmma (``benchmarks/wgmma_sp_probe.py``).
 4. Sparsity selector (ISA 9.7.15.6.1, f16/bf16): "in a group of four consecutive threads,
    one or more threads store the metadata for the whole group"; for 16-bit types it is a
    thread pair, selector 0 = threads T0, T1 of each quad, 1 = T2, T3 (other values are
@@ -59,7 +59,9 @@ What is emulated and what is not: the emulation computes D exactly (float64 prod
 sums, rounded to float32 at the end); the hardware's f32 accumulation order and rounding
 are not specified by the ISA, so GPU tests compare with a tolerance. Whether the rules
 above hold on the chip (notably 3, 5 and 7) can only be confirmed by running the
-instruction on an H100/H200; the GPU tests in ``tests/test_wgmma_sp_layout.py`` say so.
+instruction on an H100/H200: ``python benchmarks/wgmma_sp_probe.py --build`` runs one
+instruction per selector and A source on shuffled operands and compares (also
+``tests/test_wgmma_sp_probe.py``, marked ``gpu``).
 
 The shuffle (`wgmma_sp_meta_relayout`) turns `Sparse24`'s ``meta`` into the register order
 of rule 5 once (at compress time or inside a kernel): same shape and dtype, so the TMA
