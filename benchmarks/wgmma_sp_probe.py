@@ -3,8 +3,8 @@
 Builds (``--build``, nvcc for sm_90a) and runs ``sparse_jax/kernels/wgmma_sp_probe/
 wgmma_sp_probe.cu``: one ``wgmma.mma_async.sp ... m64n16k32.f32.bf16.bf16`` on a random
 2:4 tile laid out by sparse_jax's shuffles (`a_registers_from_values`,
-`wgmma_sp_meta_relayout`), for both sparsity selectors and A from registers and from shared
-memory. Each result is compared with float64 ``decompress(s).T @ b``; on a mismatch it
+`wgmma_sp_meta_relayout`), for both sparsity selectors and A from registers, from shared
+memory K-major, and from shared memory M-major (imm-trans-a = 1: Sparse24's own layout). Each result is compared with float64 ``decompress(s).T @ b``; on a mismatch it
 says which alternative reading of the ISA (metadata halves swapped, index order in the
 nibble, thread pair, selector pair, A register halves) the hardware matches instead.
 
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+# The operands are prepared on the host; keep JAX off the GPU the probe uses.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,7 @@ from sparse_jax.kernels import _wgmma_sp_layout as wl  # noqa: E402
 SOURCE = ROOT / "sparse_jax" / "kernels" / "wgmma_sp_probe" / "wgmma_sp_probe.cu"
 LIBRARY = ROOT / "build" / "wgmma_sp_probe" / "libwgmma_sp_probe.so"
 N = 16
+A_MODES = {0: "registers", 1: "smem K-major", 2: "smem M-major"}
 WRONG_BUT_VALID = 0xEEEEEEEE  # every nibble: positions 2, 3 (valid, and wrong for most chunks)
 
 
@@ -112,7 +117,8 @@ def run(library, seed: int = 0) -> bool:
     b = np.asarray(b_bf16.astype(jnp.float32), np.float64)
     ref = np.asarray(sparse_jax.decompress(s).astype(jnp.float32), np.float64).T @ b  # (64, 16)
     all_ok = True
-    for a_from_smem in (False, True):
+    for a_mode in A_MODES:
+        a_from_smem = a_mode != 0
         for selector in (0, 1):
             kept, a_values, meta = operands(s, selector)
             d = np.zeros((128, 8), np.float32)
@@ -122,8 +128,8 @@ def run(library, seed: int = 0) -> bool:
                 bf16_bits(kept).ctypes.data_as(ctypes.c_void_p),
                 np.ascontiguousarray(meta, np.uint32).ctypes.data_as(ctypes.c_void_p),
                 bf16_bits(b_bf16).ctypes.data_as(ctypes.c_void_p),
-                d.ctypes.data_as(ctypes.c_void_p), selector, int(a_from_smem), err, len(err))
-            label = f"A from {'smem' if a_from_smem else 'registers'}, selector {selector}"
+                d.ctypes.data_as(ctypes.c_void_p), selector, a_mode, err, len(err))
+            label = f"A from {A_MODES[a_mode]}, selector {selector}"
             if status:
                 print(f"{label}: CUDA error {err.value.decode()}")
                 all_ok = False

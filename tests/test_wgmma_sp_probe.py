@@ -51,7 +51,7 @@ class SimulatedHardware:
 
 def test_probe_accepts_hardware_that_matches_the_emulation(capsys):
     assert probe.run(SimulatedHardware())
-    assert capsys.readouterr().out.count("-> OK") == 4
+    assert capsys.readouterr().out.count("-> OK") == 6
 
 
 def test_probe_names_the_alternative_the_hardware_follows(capsys):
@@ -69,7 +69,7 @@ def test_probe_source_compiles_for_sm90a(tmp_path):
                              str(probe.SOURCE), "-o", str(tmp_path / "probe.ptx")],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "probe.ptx").read_text().count("wgmma.mma_async.sp.sync.aligned.m64n16k32") == 4
+    assert (tmp_path / "probe.ptx").read_text().count("wgmma.mma_async.sp.sync.aligned.m64n16k32") == 6
 
 
 @pytest.mark.gpu

@@ -9,7 +9,11 @@
 // ((n / 8) * 4 + k / 8) * 128 bytes, so the descriptor's leading-byte offset (between core
 // matrices along K) is 128 and the stride-byte offset (between 8-row groups along N) 512.
 // A, when from shared memory (64 x 16 kept values): core (m / 8, k / 8) at
-// ((m / 8) * 2 + k / 8) * 128, LBO 128, SBO 256. Descriptor fields (PTX ISA, wgmma matrix
+// ((m / 8) * 2 + k / 8) * 128, LBO 128, SBO 256 (a_mode 1); or M-major, as Sparse24 stores
+// it (a_mode 2, imm-trans-a = 1): core matrices of 8 K-rows x 8 M-values (16 bytes), core
+// (m / 8, k / 8) at ((m / 8) * 2 + k / 8) * 128 + (k % 8) * 16 + (m % 8) * 2, LBO (between
+// core matrices along K) 128, SBO (along M) 256, per CUTLASS's make_gmma_desc<Major::MN>
+// INTERLEAVE canonical form. Descriptor fields (PTX ISA, wgmma matrix
 // descriptor): address >> 4 in bits 0-13, LBO >> 4 in 16-29, SBO >> 4 in 32-45, swizzle
 // mode 0 in 62-63.
 #include <cuda_runtime.h>
@@ -31,7 +35,7 @@ __device__ uint64_t Descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
   return desc;  // base offset 0, swizzle mode 0 (none)
 }
 
-template <int kSelector, bool kAFromSmem>
+template <int kSelector, int kAMode>  // kAMode: 0 registers, 1 smem K-major, 2 smem M-major
 __global__ void __launch_bounds__(128, 1)
 ProbeKernel(const uint32_t* a_registers, const uint16_t* a_kept, const uint32_t* meta, const uint16_t* b,
             float* d) {
@@ -44,7 +48,8 @@ ProbeKernel(const uint32_t* a_registers, const uint16_t* a_kept, const uint32_t*
   }
   for (int i = t; i < 64 * 16; i += 128) {  // a_kept is (64, 16) row-major
     const int m = i / 16, k = i % 16;
-    a_smem[(((m / 8) * 2 + k / 8) * 128 + (m % 8) * 16 + (k % 8) * 2) / 2] = a_kept[i];
+    const int in_core = kAMode == 2 ? (k % 8) * 16 + (m % 8) * 2 : (m % 8) * 16 + (k % 8) * 2;
+    a_smem[(((m / 8) * 2 + k / 8) * 128 + in_core) / 2] = a_kept[i];
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
@@ -52,15 +57,15 @@ ProbeKernel(const uint32_t* a_registers, const uint16_t* a_kept, const uint32_t*
   const uint32_t e = meta[t];
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-  if constexpr (kAFromSmem) {
+  if constexpr (kAMode != 0) {
     const uint64_t a_desc = Descriptor(a_smem, 128, 256);
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %11, 0;\n"
         "wgmma.mma_async.sp.sync.aligned.m64n16k32.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, %10, %12, p, 1, 1, 0, 0;\n}\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, %10, %12, p, 1, 1, %13, 0;\n}\n"
         : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3]), "+f"(acc[4]), "+f"(acc[5]), "+f"(acc[6]),
           "+f"(acc[7])
-        : "l"(a_desc), "l"(b_desc), "r"(e), "r"(0), "n"(kSelector)
+        : "l"(a_desc), "l"(b_desc), "r"(e), "r"(0), "n"(kSelector), "n"(kAMode == 2 ? 1 : 0)
         : "memory");
   } else {
     const uint32_t a0 = a_registers[4 * t], a1 = a_registers[4 * t + 1], a2 = a_registers[4 * t + 2],
@@ -83,11 +88,11 @@ ProbeKernel(const uint32_t* a_registers, const uint16_t* a_kept, const uint32_t*
 
 extern "C" {
 
-// Runs one probe. a_registers: 128 x 4 uint32 (used when a_from_smem == 0), a_kept: 64 x 16
-// bf16 bits (used when a_from_smem == 1), meta: 128 uint32, b: 32 x 16 bf16 bits (row-major),
+// Runs one probe. a_registers: 128 x 4 uint32 (used when a_mode == 0), a_kept: 64 x 16
+// bf16 bits (used when a_mode is 1 or 2), meta: 128 uint32, b: 32 x 16 bf16 bits (row-major),
 // d: 128 x 8 float out. Returns 0, or a CUDA error code with its text in err.
 int wgmma_sp_probe(const uint32_t* a_registers, const uint16_t* a_kept, const uint32_t* meta, const uint16_t* b,
-                   float* d, int selector, int a_from_smem, char* err, int err_len) {
+                   float* d, int selector, int a_mode, char* err, int err_len) {
   uint32_t *da = nullptr, *dm = nullptr;
   uint16_t *dk = nullptr, *db = nullptr;
   float* dd = nullptr;
@@ -105,10 +110,10 @@ int wgmma_sp_probe(const uint32_t* a_registers, const uint16_t* a_kept, const ui
     check(cudaMemcpy(db, b, 32 * kN * 2, cudaMemcpyHostToDevice));
   }
   if (status == cudaSuccess) {
-    if (selector == 0 && a_from_smem) ProbeKernel<0, true><<<1, 128>>>(da, dk, dm, db, dd);
-    else if (selector == 1 && a_from_smem) ProbeKernel<1, true><<<1, 128>>>(da, dk, dm, db, dd);
-    else if (selector == 0) ProbeKernel<0, false><<<1, 128>>>(da, dk, dm, db, dd);
-    else ProbeKernel<1, false><<<1, 128>>>(da, dk, dm, db, dd);
+    using Kernel = void (*)(const uint32_t*, const uint16_t*, const uint32_t*, const uint16_t*, float*);
+    const Kernel kernels[2][3] = {{ProbeKernel<0, 0>, ProbeKernel<0, 1>, ProbeKernel<0, 2>},
+                                  {ProbeKernel<1, 0>, ProbeKernel<1, 1>, ProbeKernel<1, 2>}};
+    kernels[selector != 0][a_mode < 0 || a_mode > 2 ? 0 : a_mode]<<<1, 128>>>(da, dk, dm, db, dd);
     check(cudaGetLastError());
     check(cudaDeviceSynchronize());
     check(cudaMemcpy(d, dd, 128 * 8 * 4, cudaMemcpyDeviceToHost));
