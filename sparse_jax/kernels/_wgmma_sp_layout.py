@@ -46,8 +46,12 @@ the hardware that CUTLASS's sparse GEMMs rely on.
    ``Layout_*_SpAtom`` are the dense 16-bit canonical layouts with K stretched by 2): the
    smem tile is the 64 x 16 compressed tile with the dense wgmma descriptor rules; for
    16-bit types ``imm-trans-a`` = 1 takes it M-major, which is how `Sparse24` stores it
-   (N fastest), so a TMA copy of a ``values`` tile needs no shuffle. [GPU] confirm that the
-   descriptor of a dense m64k16 M-major tile is accepted unchanged by the sparse form.
+   (N fastest), so a TMA copy of a ``values`` tile needs no shuffle. CUTLASS's
+   ``make_gmma_desc`` accepts, K-major, 2 x 16 bytes of K per row for sparse A (as for
+   dense A) and 4 x 16 for sparse B (32 logical rows); M-major, a K extent of
+   ``128 / bits`` per descriptor atom for sparse A against ``256 / bits`` for dense. [GPU]
+   confirm the descriptors: ``benchmarks/wgmma_sp_probe.py`` tries no-swizzle K-major and
+   M-major A; the swizzled layouts a TMA pipeline uses are still to be tried.
 8. D (ISA, wgmma .f32 accumulator fragment; CUTLASS ``CLayout_64xN``): ``N / 2`` f32
    registers; ``d_i`` is row ``16 w + groupID + 8 ((i // 2) % 2)``, column
    ``8 (i // 4) + 2 threadID_in_group + (i % 2)``.
