@@ -3,13 +3,18 @@
 # order of value per second: the wgmma.sp layout probe (seconds), the cuSPARSELt FFI build
 # and its float64 tests, then the large-M benchmark with the cusparselt_ffi column.
 # Each step has its own time limit and a failure does not stop the next; logs go to
-# ${OUT:-build/gpu_check}/. Usage: bash benchmarks/gpu_check_wgmma_sp.sh
+# ${OUT:-build/gpu_check}/. The limits add up to 13 min, more than one 10-minute device
+# command, so name the steps to run per call (default: all):
+#   bash benchmarks/gpu_check_wgmma_sp.sh probe build_cusparselt gpu_tests   # <= 7 min
+#   bash benchmarks/gpu_check_wgmma_sp.sh matmul_large                        # <= 6 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${OUT:-build/gpu_check}
 mkdir -p "$LOGS"
+WANTED=" ${*:-probe build_cusparselt gpu_tests matmul_large} "
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  [[ $WANTED == *" $name "* ]] || return 0
   echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
