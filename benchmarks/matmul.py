@@ -3,7 +3,10 @@
 Times, in one run on one device: XLA's dense ``jnp.dot``; sparse_jax's kernels
 (portable Pallas, Mosaic GPU); and, when PyTorch with CUDA is importable,
 PyTorch dense ``F.linear`` and its semi-structured sparse matmul
-(``torch.sparse.to_sparse_semi_structured``, cuSPARSELt). Prints a table of
+(``torch.sparse.to_sparse_semi_structured``, cuSPARSELt); and, when built
+(``bash benchmarks/build_cusparselt_ffi.sh``), cuSPARSELt called straight from JAX
+through ``jax.ffi`` (``cusparselt_ffi``, sparse_jax/kernels/_cusparselt.py; the weight is
+compressed into cuSPARSELt's format once, outside the timing). Prints a table of
 milliseconds (median of many timed repetitions after warm-up; a JAX
 repetition is one jitted dispatch running the product once per weight copy,
 ``--copies`` rotating copies so the weight comes from HBM rather than L2 and
@@ -23,6 +26,7 @@ Usage:
   python benchmarks/matmul.py                      # full table on GPU
   python benchmarks/matmul.py --out benchmarks/results   # also writes .txt/.jsonl
   python benchmarks/matmul.py --m 1 16 --shapes 4096x4096
+  python benchmarks/matmul.py --large --out benchmarks/results   # M 4096, 8192 (incl. 8192^3)
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ GPU_M = (1, 8, 16, 64, 256, 1024, 4096, 8192)
 GPU_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
 CPU_M = (1, 16, 256)
 CPU_SHAPES = ((512, 512), (512, 1792))
+# --large: the compute-bound rows, M in {4096, 8192} over GPU_SHAPES (8192x8192 at M=8192 is
+# 8192^3); weights are re-read many times per product there, so fewer rotating copies suffice.
+GPU_LARGE_M = (4096, 8192)
+CPU_LARGE_M = (512, 1024)
+LARGE_COPIES = 2
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}
 
 
@@ -80,12 +89,17 @@ def parse_args(argv=None):
     parser.add_argument(
         "--impls",
         nargs="+",
-        default=["dense_xla", "pallas", "mosaic", "torch_dense", "torch_cusparselt"],
+        default=["dense_xla", "pallas", "mosaic", "torch_dense", "torch_cusparselt", "cusparselt_ffi"],
         help="what to time (default: all available); reference = decompress + jnp.dot",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions")
     parser.add_argument("--iters", type=int, default=30, help="timed repetitions (median)")
-    parser.add_argument("--copies", type=int, default=8, help="weight copies rotated through per repetition")
+    parser.add_argument("--copies", type=int, help=f"weight copies rotated through per repetition "
+                        f"(default 8; {LARGE_COPIES} with --large)")
+    parser.add_argument("--large", action="store_true",
+                        help=f"M in {GPU_LARGE_M} over the default shapes (CPU: M in {CPU_LARGE_M}); --m/--shapes override")
+    parser.add_argument("--search", action="store_true",
+                        help="cusparselt_ffi: let cuSPARSELt time its algorithms once per shape (cusparseLtMatmulSearch)")
     parser.add_argument("--out", type=Path, help="directory for <device>-<date>.txt and .jsonl")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -140,8 +154,22 @@ def torch_setup(log):
     return torch
 
 
+def cusparselt_setup(log):
+    """sparse_jax's cuSPARSELt FFI module, or None (with the reason logged)."""
+    from sparse_jax.kernels import _cusparselt
+
+    try:
+        _cusparselt.load()
+        log(f"cusparselt_ffi: {_cusparselt.library_path()}, cuSPARSELt version {_cusparselt.version()}")
+    except Exception as err:  # noqa: BLE001 - optional column
+        log(f"cusparselt_ffi: unavailable, column skipped ({str(err).splitlines()[0]})")
+        return None
+    return _cusparselt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     log = Log()
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
@@ -149,7 +177,14 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     dtype = DTYPES[args.dtype]
     log(f"device: {device_name} ({device.platform}), jax {jax.__version__}, date {date}, dtype {args.dtype}")
-    ms_list = tuple(args.m) if args.m else (GPU_M if on_gpu else CPU_M)
+    if args.m:
+        ms_list = tuple(args.m)
+    elif args.large:
+        ms_list = GPU_LARGE_M if on_gpu else CPU_LARGE_M
+    else:
+        ms_list = GPU_M if on_gpu else CPU_M
+    if args.copies is None:
+        args.copies = LARGE_COPIES if args.large else 8
     if args.shapes:
         shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes)
     else:
@@ -167,6 +202,9 @@ def main(argv=None) -> int:
         torch = torch_setup(log)
     if torch is None:
         impls = [i for i in impls if not i.startswith("torch")]
+    cusparselt = cusparselt_setup(log) if on_gpu and "cusparselt_ffi" in impls else None
+    if cusparselt is None:
+        impls = [i for i in impls if i != "cusparselt_ffi"]
     bandwidth = copy_bandwidth(log) if on_gpu else None
     log(f"timing: median of {args.iters} repetitions of {args.copies} products (one per rotating "
         f"weight copy; one jitted dispatch for JAX), {args.warmup} warm-up")
@@ -189,7 +227,7 @@ def main(argv=None) -> int:
             w = (w * sparse_jax.nm_mask(w, axis=0)).astype(dtype)
             weights.append(w)
             compressed.append(sparse_jax.compress(w))
-        torch_dense = torch_sparse = None
+        torch_dense = torch_sparse = lt_compressed = None
         for m in ms_list:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32).astype(dtype)
             # float32 reference at full precision on the device (the bf16 inputs are exact in it).
@@ -226,6 +264,16 @@ def main(argv=None) -> int:
                         ms = time_ms(lambda: [lin(tx, w) for w in mats], len(mats), warmup=args.warmup,
                                      iters=args.iters, sync=lambda _: torch.cuda.synchronize())
                         nbytes = sparse_bytes if impl == "torch_cusparselt" else dense_bytes
+                    elif impl == "cusparselt_ffi":
+                        if lt_compressed is None:
+                            lt_compressed = [jax.block_until_ready(cusparselt.cusparselt_compress(w)) for w in weights]
+                        one = jax.jit(lambda x, wc, n=n: cusparselt.cusparselt_matmul(x, wc, n, search=args.search))
+                        err = rel_err(one(x, lt_compressed[0]), ref)
+                        every = jax.jit(lambda x, wcs, n=n: [
+                            cusparselt.cusparselt_matmul(x, wc, n, search=args.search) for wc in wcs])
+                        ms = time_ms(lambda: every(x, lt_compressed), len(lt_compressed), warmup=args.warmup,
+                                     iters=args.iters, sync=jax.block_until_ready)
+                        nbytes = sparse_bytes
                     else:
                         if impl == "dense_xla":
                             one = lambda x, w: jnp.dot(x, w)  # noqa: E731
@@ -251,16 +299,19 @@ def main(argv=None) -> int:
                         dense_ms = ms
                     speedup = dense_ms / ms if dense_ms else None
                     hbm = nbytes / (ms * 1e-3) / bandwidth if bandwidth else None
-                    cell = f"{ms:8.4f} {speedup or 0:5.2f}x" + (f" {hbm:4.2f}" if hbm else "") + (
+                    tflops = 2 * m * k * n / (ms * 1e-3) / 1e12  # dense-equivalent rate
+                    third = f" {tflops:.3g}T" if args.large else (f" {hbm:4.2f}" if hbm else "")
+                    cell = f"{ms:8.4f} {speedup or 0:5.2f}x" + third + (
                         f" e{err:.0e}" if err is not None and err > 2e-2 else ""
                     )
                     records.append(record := {
                         "device": device_name, "jax": jax.__version__, "op": "matmul",
                         "m": m, "k": k, "n": n, "dtype": jnp.dtype(dtype).name,
-                        "impl": impl if impl in ("dense_xla", "torch_cusparselt", "torch_dense")
+                        "impl": impl if impl in ("dense_xla", "torch_cusparselt", "torch_dense", "cusparselt_ffi")
                         else f"sparse_jax_{impl}",
                         "ms": round(ms, 5), "speedup_vs_dense": round(speedup, 4) if speedup else None,
                         "hbm_fraction": round(hbm, 4) if hbm else None,
+                        "tflops": float(f"{tflops:.4g}"),
                         "rel_err": err,
                     })
                     if jsonl is not None:  # written as we go, so a cut-off run keeps its rows
@@ -268,7 +319,9 @@ def main(argv=None) -> int:
                         jsonl.flush()
                 row.append(f"{cell:>24}")
             log(f"{m:>5} {k:>6} {n:>6} | " + " | ".join(row))
-    log("cells: ms, speedup over dense_xla, hbm fraction (GPU); 'eX' marks a relative error > 2e-2")
+    log("cells: ms, speedup over dense_xla, " + ("dense-equivalent TFLOP/s (2MKN / time)" if args.large
+        else "hbm fraction (GPU)") + "; 'eX' marks a relative error > 2e-2")
+    log(f"total time: {time.perf_counter() - started:.1f} s")
     if jsonl is not None:
         jsonl.close()
         (args.out / f"{stem}.txt").write_text("\n".join(log.lines) + "\n")
