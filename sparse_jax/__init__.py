@@ -12,6 +12,7 @@ from sparse_jax._prune import (
     sparsity_report,
 )
 from sparse_jax._selection import LeafPlan, Layout, plan_tree
+from sparse_jax._trace import rules_from_computation
 
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
