@@ -185,6 +185,7 @@ class _Uses:
     problems: set = dataclasses.field(default_factory=set)  # contracted, but not along one axis
     lookups: set = dataclasses.field(default_factory=set)
     lost: set = dataclasses.field(default_factory=set)
+    used: bool = False  # some op reads the leaf
 
 
 def _shape(var: Any) -> tuple[int, ...]:
@@ -266,6 +267,9 @@ class _Walker:
         n_out = len(eqn.outvars)
         if not any(v.tracks for v in ins):
             return [_Value((), tainted)] * n_out
+        for value in ins:
+            for track in value.tracks:
+                self.uses[track.leaf].used = True
         handler = getattr(self, f"op_{name}", None)
         if handler is not None:
             return handler(eqn, ins, tainted)
@@ -298,14 +302,20 @@ class _Walker:
     # --- elementwise and layout ops ----------------------------------------
 
     def elementwise(self, eqn: Any, ins: list[_Value], tainted: bool) -> _Value:
-        if tainted:
+        if any(v.tainted and not v.tracks for v in ins):
             return _Value((), True)  # mixed with the inputs: a scale or bias, not a weight
         out_shape = _shape(eqn.outvars[0])
         tracks: list[_Track] = []
         for var, value in zip(eqn.invars, ins):
-            if _shape(var) == out_shape:
+            if _shape(var) == out_shape:  # an operand broadcast into the output is used up
                 tracks.extend(t for t in value.tracks if t not in tracks)
-        return _Value(tuple(tracks), False)
+        return _Value(tuple(tracks), tainted)
+
+    def op_select_n(self, eqn, ins, tainted):
+        # The predicate only chooses between the cases (a train flag, a mask): it
+        # does not mix the inputs into the leaf.
+        cases = self.elementwise(eqn, [_Value((), False)] + ins[1:], tainted)
+        return [_Value(cases.tracks, tainted)]
 
     def op_transpose(self, eqn, ins, tainted):
         perm = eqn.params["permutation"]
@@ -614,6 +624,11 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
+def _is_key(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def _is_float(leaf: Any) -> bool:
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
@@ -630,6 +645,8 @@ def _layout(uses: _Uses, shape: tuple[int, ...]) -> Layout | None:
         return Layout(skip=f"used as a lookup table ({how}){also}", source="computation")
     if uses.problems:
         return Layout(skip="; ".join(sorted(uses.problems)), source="computation")
+    if not uses.used:
+        return Layout(skip="not used by the computation", source="computation")
     if not axes:
         return Layout(skip="feeds no contraction", source="computation")
     if len(axes) > 1:
@@ -672,20 +689,41 @@ def rules_from_computation(fn: Callable[..., Any], params: Any, *args: Any, **kw
       >>> [(p.path, p.axis, p.source) for p in sparse_jax.plan_tree(params, rules=rules)]
       [('b', None, 'computation'), ('w', 2, 'computation')]
     """
+    return _rules(fn, params, (), args, kwargs, stacklevel=3)
+
+
+def _rules(
+    fn: Callable[..., Any],
+    params: Any,
+    constants: Sequence[Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    stacklevel: int,
+):
+    """`rules_from_computation` of ``fn(params, *constants, *args, **kwargs)``.
+
+    ``constants`` (an NNX model's non-param state: batch statistics, RNG
+    state) are traced like the inputs but mix into nothing: they are neither
+    followed nor taint what they touch.
+    """
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
     paths = [_paths.path_to_str(path) for path, _ in leaves_with_paths]
     param_leaves = [leaf for _, leaf in leaves_with_paths]
     param_tree = jax.tree.structure(params)
+    const_leaves, const_tree = jax.tree.flatten(tuple(constants))
     arg_leaves, arg_tree = jax.tree.flatten((args, kwargs))
     traced_args = [i for i, leaf in enumerate(arg_leaves) if _is_array(leaf)]
+    n_params, n_consts = len(param_leaves), len(const_leaves)
 
     def flat_fn(*flat):
-        p = jax.tree.unflatten(param_tree, flat[: len(param_leaves)])
+        p = jax.tree.unflatten(param_tree, flat[:n_params])
+        consts = jax.tree.unflatten(const_tree, flat[n_params:n_params + n_consts])
         filled = list(arg_leaves)
-        for i, leaf in zip(traced_args, flat[len(param_leaves):]):
+        for i, leaf in zip(traced_args, flat[n_params + n_consts:]):
             filled[i] = leaf
         call_args, call_kwargs = jax.tree.unflatten(arg_tree, filled)
-        out = fn(p, *call_args, **call_kwargs)
+        out = fn(p, *consts, *call_args, **call_kwargs)
         return [x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)]
 
     for path, leaf in zip(paths, param_leaves):
@@ -694,7 +732,9 @@ def rules_from_computation(fn: Callable[..., Any], params: Any, *args: Any, **kw
                 f"{path or '<root>'}: params leaves must be arrays or jax.ShapeDtypeStruct, "
                 f"got {type(leaf).__name__}"
             )
-    closed = jax.make_jaxpr(flat_fn)(*param_leaves, *(arg_leaves[i] for i in traced_args))
+    closed = jax.make_jaxpr(flat_fn)(
+        *param_leaves, *const_leaves, *(arg_leaves[i] for i in traced_args)
+    )
     shapes = [tuple(leaf.shape) for leaf in param_leaves]
     walker = _Walker(shapes)
     ins = []
@@ -704,8 +744,17 @@ def rules_from_computation(fn: Callable[..., Any], params: Any, *args: Any, **kw
             ins.append(_Value((_Track(i, dims),), False))
         else:
             ins.append(_PLAIN)
-    ins.extend(_Value((), True) for _ in traced_args)
+    ins.extend(_PLAIN for _ in const_leaves)
+    # The inputs taint what they touch (activations, token ids); PRNG keys do not
+    # (weight noise drawn from a key passed in still leaves the weight a weight).
+    ins.extend(_Value((), not _is_key(arg_leaves[i])) for i in traced_args)
     walker.walk_closed(closed, ins)
+    floats = [i for i, leaf in enumerate(param_leaves) if _is_float(leaf)]
+    if floats and not any(walker.uses[i].used for i in floats):
+        raise ValueError(
+            f"fn does not use any of the {len(floats)} floating-point params leaves it is "
+            "given (does it close over other params instead of using its first argument?)"
+        )
 
     rules = []
     lost = []
@@ -722,7 +771,7 @@ def rules_from_computation(fn: Callable[..., Any], params: Any, *args: Any, **kw
             "rules_from_computation could not follow these params leaves (the name/shape "
             "defaults decide them): " + "; ".join(lost),
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     return rules
 

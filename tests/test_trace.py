@@ -455,3 +455,25 @@ def test_docstring_examples(module):
         warnings.simplefilter("error")
         result = doctest.testmod(module, raise_on_error=False, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_weight_noise_from_a_key_argument_and_a_select_on_the_inputs():
+    params = random_tree({"noisy": (16, 8), "switched": (16, 8)}, seed=12)
+
+    def fn(p, x, key, train):
+        noisy = p["noisy"] + 0.01 * jax.random.normal(key, p["noisy"].shape)
+        switched = jnp.where(train, p["switched"], 0.5 * p["switched"]).astype(jnp.bfloat16)
+        return x @ noisy + (x.astype(jnp.bfloat16) @ switched).astype(jnp.float32)
+
+    by_path = rule_map(
+        sparse_jax.rules_from_computation(fn, params, jnp.ones((2, 16)), jax.random.key(0), jnp.array(True))
+    )
+    assert by_path["noisy"].axis == 0 and by_path["switched"].axis == 0
+
+
+def test_unused_leaf_and_a_fn_that_ignores_its_params():
+    params = random_tree({"used": (16, 8), "unused": (16, 8)}, seed=13)
+    by_path = rule_map(sparse_jax.rules_from_computation(lambda p, x: x @ p["used"], params, jnp.ones((2, 16))))
+    assert by_path["unused"].skip == "not used by the computation"
+    with pytest.raises(ValueError, match="does not use any of the 2"):
+        sparse_jax.rules_from_computation(lambda p, x: x @ params["used"], params, jnp.ones((2, 16)))

@@ -6,7 +6,7 @@ from typing import Any
 
 from flax import nnx
 
-from sparse_jax._trace import rules_from_computation
+from sparse_jax import _trace
 
 
 def rules_from_model(model: nnx.Module, *args: Any, **kwargs: Any):
@@ -39,7 +39,9 @@ def rules_from_model(model: nnx.Module, *args: Any, **kwargs: Any):
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def call(params_state: Any, *call_args: Any, **call_kwargs: Any) -> Any:
-        return nnx.merge(graphdef, params_state, rest, copy=True)(*call_args, **call_kwargs)
+    # The rest of the state (batch statistics, RNG state) is traced too, so that an
+    # abstract model (``nnx.eval_shape``) works; it is not followed.
+    def call(params_state: Any, rest_state: Any, *call_args: Any, **call_kwargs: Any) -> Any:
+        return nnx.merge(graphdef, params_state, rest_state, copy=True)(*call_args, **call_kwargs)
 
-    return rules_from_computation(call, params, *args, **kwargs)
+    return _trace._rules(call, params, (rest,), args, kwargs, stacklevel=3)
