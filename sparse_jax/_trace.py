@@ -50,10 +50,14 @@ What decides the axis
   dimension numbers; per group for a grouped conv). Spatial dims are neither
   reduction nor stacked axes.
 
-Contracting a leaf through values that also depend on the inputs of ``fn``
-(``x * scale`` then a matmul) is *not* a contraction of the leaf: a norm
-scale, a bias, a position embedding added to the activations "feed no
-contraction".
+Values that depend on the non-params inputs of ``fn`` (activations, token
+ids, flags) are *inputs*, and a leaf combined elementwise with one stops being
+followed: ``x * scale`` then a matmul is not a contraction of ``scale``, so a
+norm scale, a bias, a position embedding added to the activations "feed no
+contraction". Two exceptions keep a weight a weight: the predicate of a
+``select`` (``jnp.where(train, w, w_frozen)``) and PRNG-key inputs (weight
+noise drawn from a key passed in). An operand broadcast into a bigger
+elementwise result is used up as well.
 
 What comes back, per floating-point leaf
 ----------------------------------------
@@ -62,8 +66,10 @@ what the computation does with the leaf   rule
 ========================================  =====================================
 contracted, along one axis everywhere     ``Layout(axis=a, stacked=(...),
                                           source="computation")``
-feeds no contraction (bias, norm scale,   ``Layout(skip="feeds no contraction",
-unused)                                   source="computation")``
+feeds no contraction (bias, norm scale)   ``Layout(skip="feeds no contraction",
+                                          source="computation")``
+not used at all (a head this call does    ``Layout(skip="not used by the
+not reach)                                computation", ...)``
 a lookup table (``gather``, or a          ``Layout(skip="used as a lookup
 ``dynamic_slice`` at an index that        table ...", ...)``, also when it is
 comes from the inputs: an embedding)      contracted elsewhere (tied
@@ -83,11 +89,13 @@ reaches an op this walk does not follow   **no rule**: the name/shape defaults
 
 Non-float leaves (integers, PRNG keys) get no rule. A rule's regex is the
 leaf's whole path, ``f"^{re.escape(path)}$"``, so rules written by hand can
-be put before (to win) or after the computed ones.
+be put before (to win) or after the computed ones. If ``fn`` uses none of
+the floating-point leaves it is given (it closes over other params), this is
+an error rather than a list of skips.
 
-The rules do not depend on ``n``/``m``; a forced axis is validated strictly by
-`sparse_jax.plan_tree`, so a reduction size that ``m`` does not divide raises
-there (e.g. a 3-channel stem conv): put a ``"skip"`` rule for it first.
+The rules do not depend on ``n``/``m``: a leaf whose reduction size ``m``
+does not divide (a 3-channel stem conv) still gets its axis, and
+`sparse_jax.plan_tree` decides what to do with it.
 """
 
 from __future__ import annotations
@@ -465,6 +473,8 @@ class _Walker:
         return dataclasses.replace(track, dims=tuple(dims))
 
     def op_concatenate(self, eqn, ins, tainted):
+        if any(v.tainted and not v.tracks for v in ins):
+            return [_Value((), True)]  # joined to the inputs (a class token): not a weight
         d = eqn.params["dimension"]
         size = _shape(eqn.outvars[0])[d]
         out = _PLAIN
@@ -475,6 +485,8 @@ class _Walker:
     def op_pad(self, eqn, ins, tainted):
         out_shape = _shape(eqn.outvars[0])
         config = eqn.params["padding_config"]
+        if ins[1].tainted and not ins[1].tracks:
+            return [_Value((), True)]
 
         def pad(track: _Track) -> _Track:
             for d, (lo, hi, interior) in enumerate(config):

@@ -477,3 +477,16 @@ def test_unused_leaf_and_a_fn_that_ignores_its_params():
     assert by_path["unused"].skip == "not used by the computation"
     with pytest.raises(ValueError, match="does not use any of the 2"):
         sparse_jax.rules_from_computation(lambda p, x: x @ params["used"], params, jnp.ones((2, 16)))
+
+
+def test_class_token_joined_to_the_inputs_is_not_a_weight():
+    params = random_tree({"cls": (1, 1, 16), "w": (16, 8), "a": (16, 4), "b": (4, 8)}, seed=14)
+
+    def fn(p, x):
+        tokens = jnp.concatenate([jnp.broadcast_to(p["cls"], (x.shape[0], 1, 16)), x], axis=1)
+        return tokens @ (p["w"] + p["a"] @ p["b"])  # a LoRA-style update of w
+
+    by_path = rule_map(sparse_jax.rules_from_computation(fn, params, jnp.ones((2, 5, 16))))
+    assert by_path["cls"].skip == "feeds no contraction"
+    # a (16, 4) @ b (4, 8): a is contracted over its axis 1, b over its axis 0.
+    assert (by_path["w"].axis, by_path["a"].axis, by_path["b"].axis) == (0, 1, 0)
