@@ -74,6 +74,10 @@ a lookup table (``gather``, or a          ``Layout(skip="used as a lookup
 ``dynamic_slice`` at an index that        table ...", ...)``, also when it is
 comes from the inputs: an embedding)      contracted elsewhere (tied
                                           embeddings)
+a vector (fewer than 2 dims besides the    ``Layout(skip="a vector ...")``
+layer axes: a learned initial state), or
+contracted after a broadcast over a
+batch (learned latents, an activation)    ``Layout(skip="... broadcast ...")``
 contracted along different axes in        ``Layout(skip="contracted along
 different places                          different axes ...")``
 contracted over part of an axis only (a   a skip that says so
@@ -507,6 +511,12 @@ class _Walker:
                  conv: bool = False) -> None:
         shape = self.leaf_shapes[track.leaf]
         uses = self.uses[track.leaf]
+        if any(
+            atom.axis is None and atom.size > 1
+            for d, atoms in enumerate(track.dims) if d not in contracting for atom in atoms
+        ):
+            uses.problems.add(f"{op} takes it broadcast over a batch (an activation, not a weight)")
+            return
         roles: dict[int, list[tuple[str, _Atom]]] = {}
         for d, atoms in enumerate(track.dims):
             role = "contracted" if d in contracting else "batch" if d in batch else "kept"
@@ -667,6 +677,9 @@ def _layout(uses: _Uses, shape: tuple[int, ...]) -> Layout | None:
             source="computation",
         )
     stacked = frozenset().union(*(s for _, s, _ in uses.contractions))
+    if len(shape) - len(stacked) < 2:
+        return Layout(skip="a vector (fewer than 2 dims besides the layer axes), not a matmul "
+                      "weight", source="computation")
     return Layout(axis=axes[0], stacked=tuple(sorted(stacked)), source="computation")
 
 

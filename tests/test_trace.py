@@ -490,3 +490,59 @@ def test_class_token_joined_to_the_inputs_is_not_a_weight():
     assert by_path["cls"].skip == "feeds no contraction"
     # a (16, 4) @ b (4, 8): a is contracted over its axis 1, b over its axis 0.
     assert (by_path["w"].axis, by_path["a"].axis, by_path["b"].axis) == (0, 1, 0)
+
+
+def test_nested_scans_and_linen_vmap_batch_dims():
+    params = random_tree({"w": (2, 3, 16, 16)}, seed=15)
+
+    def fn(p, x):
+        def outer(h, group):
+            h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, group)
+            return h, None
+
+        return jax.lax.scan(outer, x, p["w"])[0]
+
+    by_path = rule_map(sparse_jax.rules_from_computation(fn, params, jnp.ones((2, 16))))
+    assert (by_path["w"].axis, by_path["w"].stacked) == (2, (0, 1))
+    pruned, masks = sparse_jax.prune(params, rules=by_path_items(by_path))
+    check_layers_against_numpy(params, masks, pruned, {"w": (2, (0, 1))})
+
+    class Dense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(x)
+
+    model = nn.vmap(Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)()
+    x = jnp.ones((3, 5, 16))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
+    by_path = rule_map(sparse_jax.rules_from_computation(lambda p, x: model.apply({"params": p}, x), abstract, x))
+    assert (by_path["Dense_0/kernel"].axis, by_path["Dense_0/kernel"].stacked) == (1, (0,))
+
+
+def test_partly_contracted_axes_are_skipped_with_the_reason():
+    params = random_tree({"split": (16, 8), "sliced": (16, 8), "table": (10, 16)}, seed=16)
+
+    def fn(p, x, token):
+        a = jnp.einsum("bj,ijk->bik", x[:, :4], p["split"].reshape(4, 4, 8)).sum(1)  # half of axis 0
+        b = x[:, :8] @ p["sliced"][:8]  # a sub-range of axis 0
+        row = jax.lax.dynamic_index_in_dim(p["table"], token, keepdims=False)  # one row, chosen by the input
+        return a + b + row[:8]
+
+    by_path = rule_map(sparse_jax.rules_from_computation(fn, params, jnp.ones((2, 16)), jnp.int32(3)))
+    assert by_path["split"].skip == "dot_general contracts only part of axis 0 (a reshape splits it)"
+    assert by_path["sliced"].skip == "dot_general contracts a slice or concatenation of axis 0"
+    assert by_path["table"].skip.startswith("used as a lookup table (dynamic_slice at an index")
+
+
+def test_params_on_the_activation_side_of_a_matmul_are_skipped():
+    params = random_tree({"h0": (16,), "latents": (4, 16), "w": (16, 16), "wq": (16, 8)}, seed=17)
+
+    def fn(p, xs):
+        h, _ = jax.lax.scan(lambda h, x: (jnp.tanh(h @ p["w"] + x), None), p["h0"], xs)
+        queries = jnp.broadcast_to(p["latents"], (xs.shape[1], 4, 16)) @ p["wq"]
+        return h.sum() + queries.sum()
+
+    by_path = rule_map(sparse_jax.rules_from_computation(fn, params, jnp.ones((3, 16))))
+    assert by_path["h0"].skip.startswith("a vector")
+    assert "broadcast over a batch" in by_path["latents"].skip
+    assert by_path["w"].axis == 0 and by_path["wq"].axis == 0
