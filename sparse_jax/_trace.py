@@ -70,9 +70,9 @@ feeds no contraction (bias, norm scale)   ``Layout(skip="feeds no contraction",
                                           source="computation")``
 not used at all (a head this call does    ``Layout(skip="not used by the
 not reach)                                computation", ...)``
-a lookup table (``gather``, or a          ``Layout(skip="used as a lookup
-``dynamic_slice`` at an index that        table ...", ...)``, also when it is
-comes from the inputs: an embedding)      contracted elsewhere (tied
+a lookup table (a ``gather`` or a         ``Layout(skip="used as a lookup
+``dynamic_slice`` at indices that come    table ...", ...)``, also when it is
+from the inputs: an embedding)            contracted elsewhere (tied
                                           embeddings)
 a vector (fewer than 2 dims besides the    ``Layout(skip="a vector ...")``
 layer axes: a learned initial state), or
@@ -87,8 +87,8 @@ over 1 input channel per group
 (depthwise conv)
 reaches an op this walk does not follow   **no rule**: the name/shape defaults
 (``ragged_dot``, ``pallas_call``,         decide, the report says ``default``
-``shard_map`` with shards, a scatter)     for it, and a `UserWarning` lists
-                                          the leaf and the ops
+``shard_map`` with shards, a scatter, a   for it, and a `UserWarning` lists
+``gather`` at fixed indices)              the leaf and the ops
 ========================================  =====================================
 
 Non-float leaves (integers, PRNG keys) get no rule. A rule's regex is the
@@ -501,6 +501,9 @@ class _Walker:
         return [_Value(self.map_tracks(ins[0], "pad", pad).tracks, tainted)]
 
     def op_gather(self, eqn, ins, tainted):
+        if not ins[1].tainted:  # fixed indices (a static permutation): not followed
+            self.lose(ins[0], "gather at indices that do not come from the inputs")
+            return [_Value((), tainted)]
         for track in ins[0].tracks:
             self.uses[track.leaf].lookups.add("gather")
         return [_Value((), tainted)]

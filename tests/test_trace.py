@@ -546,3 +546,11 @@ def test_params_on_the_activation_side_of_a_matmul_are_skipped():
     assert by_path["h0"].skip.startswith("a vector")
     assert "broadcast over a batch" in by_path["latents"].skip
     assert by_path["w"].axis == 0 and by_path["wq"].axis == 0
+
+
+def test_gather_at_fixed_indices_is_left_to_the_defaults():
+    params = random_tree({"w": (16, 8)}, seed=18)
+    fn = lambda p, x: x @ p["w"][:, jnp.array([1, 0, 3, 2, 5, 4, 7, 6])]  # noqa: E731
+    with pytest.warns(UserWarning, match="gather at indices that do not come from the inputs"):
+        rules = sparse_jax.rules_from_computation(fn, params, jnp.ones((2, 16)))
+    assert rules == []
