@@ -341,6 +341,19 @@ def test_linen_conv_nchw_kernel_layout():
     assert by_path["w"].axis == 1
 
 
+def test_rgb_stem_conv_gets_its_axis_whatever_m():
+    # The rules do not depend on m: a 3-channel stem still gets axis 2; plan_tree decides.
+    params = random_tree({"stem": (7, 7, 3, 16)}, seed=19)
+
+    def fn(p, x):
+        return jax.lax.conv_general_dilated(
+            x, p["stem"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    by_path = rule_map(sparse_jax.rules_from_computation(fn, params, jnp.ones((1, 16, 16, 3))))
+    assert (by_path["stem"].axis, by_path["stem"].skip) == (2, None)
+
+
 def test_reshapes_transposes_and_casts():
     params = random_tree(
         {
