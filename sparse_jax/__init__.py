@@ -12,6 +12,7 @@ from sparse_jax._prune import (
     sparsity_report,
 )
 from sparse_jax._selection import LeafPlan, Layout, plan_tree
+from sparse_jax._trace import rules_from_computation
 
 # --- one-shot pruning from calibration statistics: SparseGPT, Wanda (issue 20) ---
 from sparse_jax._oneshot import (
