@@ -324,6 +324,13 @@ def _plan_leaf(
             forced_axis = _patterns.normalize_axis(int(action.axis), len(shape), where=where)
             if forced_axis in stacked:
                 raise ValueError(f"{where}{label} prunes along axis {forced_axis}, a stacked axis")
+            if action.source == "computation" and shape[forced_axis] % m:
+                # A computed axis is a fact about the model, not a demand: skip like the defaults.
+                return plan(
+                    None,
+                    f"reduction size {shape[forced_axis]} (axis {forced_axis}) not a multiple "
+                    f"of {m} ({label})",
+                )
         else:
             check_float(pattern.pattern)
             label, source = f"rule {pattern.pattern!r}", "rule"

@@ -350,8 +350,13 @@ def test_rgb_stem_conv_gets_its_axis_whatever_m():
             x, p["stem"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
 
-    by_path = rule_map(sparse_jax.rules_from_computation(fn, params, jnp.ones((1, 16, 16, 3))))
+    rules = sparse_jax.rules_from_computation(fn, params, jnp.ones((1, 16, 16, 3)))
+    by_path = rule_map(rules)
     assert (by_path["stem"].axis, by_path["stem"].skip) == (2, None)
+    # plan_tree skips it (3 is not a multiple of 4), as the defaults would, instead of raising.
+    (plan,) = sparse_jax.plan_tree(params, rules=rules)
+    assert plan.axis is None and plan.source == "computation"
+    assert plan.reason.startswith("reduction size 3 (axis 2) not a multiple of 4")
 
 
 def test_reshapes_transposes_and_casts():
