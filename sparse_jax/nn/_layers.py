@@ -29,7 +29,7 @@ from jax import lax
 from sparse_jax._compressed import Sparse24, decompress
 from sparse_jax._matmul import matmul
 from sparse_jax.nn._base import SparseKernelLayer, _metadata, _new_variable, compress_layer_kernel, contract
-from sparse_jax.nn._sparse_linear import add_bias
+from sparse_jax.nn._sparse_linear import add_bias, constrain
 
 __all__ = ["SparseConv", "SparseEinsum", "SparseLinearGeneral", "einsum_reduction_axis"]
 
@@ -133,7 +133,7 @@ class SparseLinearGeneral(SparseKernelLayer):
         )
         return _set_dense(layer, self)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         x = jnp.asarray(x)
         dtype = _compute_dtype(self, x)
         x_axes = tuple(sorted(a % x.ndim for a in self.feature_axes))
@@ -146,7 +146,7 @@ class SparseLinearGeneral(SparseKernelLayer):
             x.astype(dtype), x_axes, self._layer_kernel(dtype), tuple(range(len(self.in_features))),
             functools.partial(matmul, impl=self.impl),
         )
-        return add_bias(y, self.bias, dtype)
+        return constrain(add_bias(y, self.bias, dtype), out_sharding)
 
 
 def linear_general_unsupported(layer: nnx.LinearGeneral) -> str:
@@ -289,7 +289,12 @@ class SparseEinsum(SparseKernelLayer):
         )
         return _set_dense(layer, self)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, einsum_str: str | None = None, out_sharding=None) -> jax.Array:
+        if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
+            raise ValueError(
+                f"SparseEinsum: its kernel is compressed for {self.einsum_str!r}; "
+                f"it cannot compute {einsum_str!r}"
+            )
         x = jnp.asarray(x)
         dtype = _compute_dtype(self, x)
         lhs, rhs, out = _split_einsum(self.einsum_str)
@@ -309,7 +314,7 @@ class SparseEinsum(SparseKernelLayer):
             # As nnx.Einsum: the bias is reshaped (not transposed) onto the output's kernel axes.
             shape = [self.kernel_shape[rhs.index(c)] if c in rhs else 1 for c in out_labels]
             y = y + jnp.reshape(self.bias[...].astype(dtype), shape)
-        return y
+        return constrain(y, out_sharding)
 
 
 def einsum_unsupported(layer: nnx.Einsum) -> str:
@@ -444,7 +449,7 @@ class SparseConv(SparseKernelLayer):
         )
         return _set_dense(layer, self)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         x = jnp.asarray(x)
         rank = len(self.kernel_size)
         batch_dims = x.ndim - (rank + 1)
@@ -480,7 +485,7 @@ class SparseConv(SparseKernelLayer):
         y = add_bias(y, self.bias, dtype)
         if batch_dims != 1:
             y = y.reshape(batch_shape + y.shape[1:])
-        return y
+        return constrain(y, out_sharding)
 
 
 def conv_unsupported(conv: nnx.Conv) -> str:

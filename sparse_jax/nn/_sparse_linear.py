@@ -20,6 +20,11 @@ def add_bias(y: jax.Array, bias, dtype) -> jax.Array:
     return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
+def constrain(y: jax.Array, out_sharding) -> jax.Array:
+    """The ``out_sharding`` the NNX layers accept, as a sharding constraint."""
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+
 class SparseLinear(SparseKernelLayer):
     """``y = x @ W + b`` with ``W`` (in, out) held as a 2:4 `Sparse24` along ``in``.
 
@@ -113,8 +118,8 @@ class SparseLinear(SparseKernelLayer):
             linear.bias = _new_variable(nnx.Param, self.bias[...], _metadata(self.bias))
         return linear
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         values = self.values[...]
         dtype = self.dtype or jnp.result_type(x.dtype, values.dtype)
         y = matmul(jnp.asarray(x, dtype), self._layer_kernel(dtype), impl=self.impl)
-        return add_bias(y, self.bias, dtype)
+        return constrain(add_bias(y, self.bias, dtype), out_sharding)
