@@ -257,7 +257,7 @@ def sparsify(
         result = LayerResult("", type(model).__name__, axis, reason)
         if reason:
             left_dense.append(result)
-            out = model
+            out = nnx.clone(model)
         else:
             converted.append(result)
             out = _KINDS[type(model)].convert(model, prune=prune, impl=impl)
