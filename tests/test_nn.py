@@ -551,6 +551,17 @@ def test_unconvertible_layers_are_listed_with_reasons():
     assert {r.path for r in forced.left_dense} == {"odd", "depthwise", "batched", "per_head", "transpose/kernel", "unknown/weight"}
 
 
+def test_einsum_pruned_on_another_axis_is_listed_not_converted():
+    class Wrapper(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = nnx.Einsum("bd,od->bo", (8, 16), rngs=rngs)
+
+    model = Wrapper(nnx.Rngs(0))
+    _mask_kernel(model.proj, 0)  # what a name/shape rule would pick: axis 0, but 'd' (axis 1) is contracted
+    with pytest.warns(SparsifyWarning, match=r"proj \(Einsum\): kernel \(8, 16\) is not 2:4 along axis 1"):
+        assert isinstance(sparsify(model).proj, nnx.Einsum)
+
+
 def test_nn_docstring_examples():
     for module in (_base, _convert, _layers, _sparse_linear):
         result = doctest.testmod(module, raise_on_error=False, verbose=False)

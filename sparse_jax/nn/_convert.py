@@ -196,22 +196,21 @@ def sparsify(
 ):
     """A copy of ``model`` with every 2:4 layer in its compressed form.
 
-    ==================  ========================  ===========================
-    layer               becomes                   2:4 along (one layer's axis)
-    ==================  ========================  ===========================
-    ``nnx.Linear``      `SparseLinear`            0 (``in``)
-    ``nnx.LinearGeneral``  `SparseLinearGeneral`  innermost input feature
-                                                  (``head_dim`` for ``out``)
-    ``nnx.Einsum``      `SparseEinsum`            innermost contracted axis
-    ``nnx.Conv``        `SparseConv`              -2 (``in`` per group)
-    ==================  ========================  ===========================
+    * ``nnx.Linear`` -> `SparseLinear`, 2:4 along ``in`` (kernel axis 0);
+    * ``nnx.LinearGeneral`` -> `SparseLinearGeneral`, along the innermost
+      input-feature axis (attention ``query``/``key``/``value``
+      ``(in, heads, head_dim)``: 0; ``out`` ``(heads, head_dim, out)``: 1);
+    * ``nnx.Einsum`` -> `SparseEinsum`, along the innermost kernel axis its
+      ``einsum_str`` contracts with the input;
+    * ``nnx.Conv`` -> `SparseConv`, along ``in`` per group (kernel axis -2).
 
     These are the axes `sparse_jax.prune`'s default rules choose for
     ``Linear``, ``Conv`` and attention projections (an ``Einsum`` needs a
     rule, e.g. from `sparse_jax.rules_from_computation`). Stacked layers
     (made under ``nnx.vmap``, kernels with extra leading axes) convert layer
-    by layer and still run under the same ``nnx.scan``. ``model`` itself is
-    not modified.
+    by layer and still run under the same ``nnx.scan``. Layers are matched by
+    exact type: a subclass may compute something else, so it counts as
+    another kind. ``model`` itself is not modified.
 
     Nothing is left dense silently: a known layer that cannot be converted
     (reduction size not a multiple of 4, a kernel not 2:4 along its axis when
