@@ -77,13 +77,17 @@ def test_densify_round_trip_restores_kernels():
     model = _pruned_mlp()
     back = densify(sparsify(model, report=True)[0])
     assert isinstance(back.hidden, nnx.Linear) and isinstance(back.blocks[0], nnx.Linear)
-    np.testing.assert_array_equal(np.asarray(back.hidden.kernel[...]), np.asarray(model.hidden.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(back.hidden.kernel[...]), np.asarray(model.hidden.kernel[...])
+    )
     np.testing.assert_array_equal(np.asarray(back.out.bias[...]), np.asarray(model.out.bias[...]))
 
 
 def test_unpruned_layers_stay_dense_unless_prune():
     model = MLP(nnx.Rngs(3))
-    with pytest.warns(SparsifyWarning, match=r"hidden \(Linear\): kernel \(32, 64\) is not 2:4 along axis 0"):
+    with pytest.warns(
+        SparsifyWarning, match=r"hidden \(Linear\): kernel \(32, 64\) is not 2:4 along axis 0"
+    ):
         assert isinstance(sparsify(model).hidden, nnx.Linear)
     forced, report = sparsify(model, prune=True, report=True)
     assert isinstance(forced.hidden, SparseLinear) and isinstance(forced.odd, nnx.Linear)
@@ -108,7 +112,7 @@ def test_sparse_linear_rejects_bad_kernel():
         SparseLinear(sparse_jax.compress(jnp.zeros((2, 8, 4)), axis=1))
 
 
-# ----------------------------------------------------------------------------- independent references
+# ------------------------------------------------------------------ independent references
 
 
 def np_prune_2_4(w, axis):
@@ -134,7 +138,10 @@ def np_conv(x, w, strides, pads, groups):
         window = tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, strides, sizes))
         patch = x[(slice(None),) + window + (slice(None),)]
         for g in range(groups):
-            cin, cout = slice(g * in_per_group, (g + 1) * in_per_group), slice(g * out_per_group, (g + 1) * out_per_group)
+            cin, cout = (
+                slice(g * in_per_group, (g + 1) * in_per_group),
+                slice(g * out_per_group, (g + 1) * out_per_group),
+            )
             y[..., cout] += patch[..., cin] @ w[offset][:, cout]
     return y
 
@@ -155,7 +162,9 @@ def _mask_kernel(layer, axis):
 
 
 def _close(actual, expected, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tol, atol=tol
+    )
 
 
 def _x(shape, seed=1, dtype=jnp.float32):
@@ -163,7 +172,7 @@ def _x(shape, seed=1, dtype=jnp.float32):
 
 
 def _assert_grad_on_kept(sparse_layer, dense_layer, loss):
-    """d loss / d values, scattered to the kept positions, is the dense kernel gradient there (0 elsewhere)."""
+    """d loss / d values, scattered to the kept positions, is the dense kernel gradient there."""
     sparse_grad = nnx.grad(loss)(sparse_layer)
     dense_grad = np.asarray(nnx.grad(loss)(dense_layer)["kernel"][...], np.float64)
     s = sparse_layer.kernel
@@ -182,29 +191,53 @@ def _assert_grad_on_kept(sparse_layer, dense_layer, loss):
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_attention_projections_convert_on_the_axes_prune_chooses(impl):
     # head_dim 8: the out projection's reduction axis is padded per head inside K.
-    mha = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=nnx.Rngs(0))
+    mha = nnx.MultiHeadAttention(
+        num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=nnx.Rngs(0)
+    )
     pruned, _ = sparse_jax.prune(nnx.state(mha, nnx.Param))
     nnx.update(mha, pruned)
     sparse, report = sparsify(mha, impl=impl, report=True)
     assert report.all_converted
-    assert {r.path: r.axis for r in report.converted} == {"query": 0, "key": 0, "value": 0, "out": 1}
-    assert all(isinstance(getattr(sparse, n), SparseLinearGeneral) for n in ("query", "key", "value", "out"))
+    assert {r.path: r.axis for r in report.converted} == {
+        "query": 0,
+        "key": 0,
+        "value": 0,
+        "out": 1,
+    }
+    assert all(
+        isinstance(getattr(sparse, n), SparseLinearGeneral)
+        for n in ("query", "key", "value", "out")
+    )
     x = _x((2, 5, 16))
     _close(sparse(x), mha(x))
     # Each projection against float64 NumPy einsum of its kernel, 2:4 along the axis prune chose.
     h = _x((2, 5, 2, 8), seed=3)
     w_out = np.asarray(mha.out.kernel[...], np.float64)
     assert not sparse_jax.nm_violations(jnp.asarray(w_out), axis=1)
-    _close(sparse.out(h), np.einsum("bthd,hdo->bto", np.asarray(h, np.float64), w_out) + np.asarray(mha.out.bias[...]))
+    _close(
+        sparse.out(h),
+        np.einsum("bthd,hdo->bto", np.asarray(h, np.float64), w_out)
+        + np.asarray(mha.out.bias[...]),
+    )
     w_q = np.asarray(mha.query.kernel[...], np.float64)
-    _close(sparse.query(x), np.einsum("bti,ihd->bthd", np.asarray(x, np.float64), w_q) + np.asarray(mha.query.bias[...]))
+    _close(
+        sparse.query(x),
+        np.einsum("bti,ihd->bthd", np.asarray(x, np.float64), w_q)
+        + np.asarray(mha.query.bias[...]),
+    )
 
 
 @pytest.mark.parametrize(
     "in_features, out_features, axis, x_shape, check_grad",
     [
         (16, (2, 4), -1, (3, 16), False),  # query-like (in, heads, head_dim)
-        ((4, 32), 6, (-2, -1), (3, 4, 32), False),  # out-like, head_dim a multiple of 32: no padding
+        (
+            (4, 32),
+            6,
+            (-2, -1),
+            (3, 4, 32),
+            False,
+        ),  # out-like, head_dim a multiple of 32: no padding
         ((8, 2, 4), 5, (1, 2, 3), (3, 8, 2, 4), True),  # three contracted axes, innermost padded
     ],
 )
@@ -218,7 +251,9 @@ def test_linear_general_matches_numpy(in_features, out_features, axis, x_shape, 
     letters = "abcdefgh"
     x_spec = "z" + letters[:n_in]
     w_spec = letters[:n_in] + "uvw"[: len(dense.out_features)]
-    expected = np.einsum(f"{x_spec},{w_spec}->z{w_spec[n_in:]}", np.asarray(x, np.float64), w) + np.asarray(dense.bias[...])
+    expected = np.einsum(
+        f"{x_spec},{w_spec}->z{w_spec[n_in:]}", np.asarray(x, np.float64), w
+    ) + np.asarray(dense.bias[...])
     _close(sparse(x), expected)
     _close(sparse(x), dense(x))
     if check_grad:
@@ -233,8 +268,22 @@ def test_linear_general_matches_numpy(in_features, out_features, axis, x_shape, 
     [
         ("bi,io->bo", (16, 6), (6,), (3, 16), 0, False),  # contracted axis first
         ("bi,oi->bo", (6, 16), (6,), (3, 16), 1, True),  # contracted axis last
-        ("btd,ndh->btnh", (2, 16, 4), (2, 4), (2, 3, 16), 1, False),  # contracted axis in the middle
-        ("btnh,nhd->btd", (2, 8, 6), None, (2, 3, 2, 8), 1, True),  # two contracted, innermost padded
+        (
+            "btd,ndh->btnh",
+            (2, 16, 4),
+            (2, 4),
+            (2, 3, 16),
+            1,
+            False,
+        ),  # contracted axis in the middle
+        (
+            "btnh,nhd->btd",
+            (2, 8, 6),
+            None,
+            (2, 3, 2, 8),
+            1,
+            True,
+        ),  # two contracted, innermost padded
         ("...d,dn->n...", (12, 5), (5,), (2, 3, 12), 0, False),  # ellipsis, output transposed
     ],
 )
@@ -264,10 +313,38 @@ def test_einsum_matches_numpy(einsum_str, kernel_shape, bias_shape, x_shape, axi
 @pytest.mark.parametrize(
     "kwargs, x_shape",
     [
-        (dict(in_features=8, out_features=6, kernel_size=(3,), strides=2, padding=((1, 2),)), (2, 11, 8)),
-        (dict(in_features=16, out_features=8, kernel_size=(3, 3), strides=(2, 1), padding="SAME", feature_group_count=2), (2, 7, 6, 16)),
-        (dict(in_features=8, out_features=4, kernel_size=(2, 3), padding="VALID", use_bias=False), (1, 5, 6, 8)),
-        (dict(in_features=12, out_features=6, kernel_size=(3, 3), strides=2, padding=1, feature_group_count=3), (7, 7, 12)),  # no batch dim
+        (
+            dict(in_features=8, out_features=6, kernel_size=(3,), strides=2, padding=((1, 2),)),
+            (2, 11, 8),
+        ),
+        (
+            dict(
+                in_features=16,
+                out_features=8,
+                kernel_size=(3, 3),
+                strides=(2, 1),
+                padding="SAME",
+                feature_group_count=2,
+            ),
+            (2, 7, 6, 16),
+        ),
+        (
+            dict(
+                in_features=8, out_features=4, kernel_size=(2, 3), padding="VALID", use_bias=False
+            ),
+            (1, 5, 6, 8),
+        ),
+        (
+            dict(
+                in_features=12,
+                out_features=6,
+                kernel_size=(3, 3),
+                strides=2,
+                padding=1,
+                feature_group_count=3,
+            ),
+            (7, 7, 12),
+        ),  # no batch dim
     ],
 )
 def test_conv_matches_numpy(kwargs, x_shape):
@@ -279,9 +356,13 @@ def test_conv_matches_numpy(kwargs, x_shape):
     assert isinstance(sparse, SparseConv) and report.converted[0].axis == len(dense.kernel_size)
     x = _x(x_shape)
     rank = len(dense.kernel_size)
-    strides = (kwargs.get("strides", 1),) * rank if isinstance(kwargs.get("strides", 1), int) else kwargs["strides"]
+    strides = (
+        (kwargs.get("strides", 1),) * rank
+        if isinstance(kwargs.get("strides", 1), int)
+        else kwargs["strides"]
+    )
     padding = kwargs.get("padding", "SAME")
-    batched = np.asarray(x, np.float64).reshape((-1,) + x_shape[-rank - 1:])
+    batched = np.asarray(x, np.float64).reshape((-1,) + x_shape[-rank - 1 :])
     if padding == "SAME":
         pads = same_pads(batched.shape[1:-1], dense.kernel_size, strides)
     elif padding == "VALID":
@@ -303,10 +384,27 @@ def test_conv_matches_numpy(kwargs, x_shape):
 @pytest.mark.parametrize(
     "kwargs, x_shape",
     [
-        (dict(in_features=8, out_features=4, kernel_size=(3,), padding="CAUSAL", kernel_dilation=2), (2, 9, 8)),
+        (
+            dict(
+                in_features=8, out_features=4, kernel_size=(3,), padding="CAUSAL", kernel_dilation=2
+            ),
+            (2, 9, 8),
+        ),
         (dict(in_features=8, out_features=4, kernel_size=(3, 3), padding="CIRCULAR"), (2, 5, 5, 8)),
-        (dict(in_features=8, out_features=4, kernel_size=(2, 2), padding=((1, 1), (0, 1)), input_dilation=(1, 2)), (1, 4, 4, 8)),
-        (dict(in_features=4, out_features=4, kernel_size=(3,), padding="REFLECT"), (3, 2, 6, 4)),  # 2 batch dims
+        (
+            dict(
+                in_features=8,
+                out_features=4,
+                kernel_size=(2, 2),
+                padding=((1, 1), (0, 1)),
+                input_dilation=(1, 2),
+            ),
+            (1, 4, 4, 8),
+        ),
+        (
+            dict(in_features=4, out_features=4, kernel_size=(3,), padding="REFLECT"),
+            (3, 2, 6, 4),
+        ),  # 2 batch dims
     ],
 )
 def test_conv_padding_modes_match_nnx_conv(kwargs, x_shape):
@@ -318,9 +416,13 @@ def test_conv_padding_modes_match_nnx_conv(kwargs, x_shape):
 
 
 def test_conv_mask_is_applied_before_compression():
-    mask = np.asarray(np_prune_2_4(np.arange(1.0, 1 + 3 * 8 * 4).reshape(3, 8, 4), 1) != 0, np.float32)
+    mask = np.asarray(
+        np_prune_2_4(np.arange(1.0, 1 + 3 * 8 * 4).reshape(3, 8, 4), 1) != 0, np.float32
+    )
     dense = nnx.Conv(8, 4, (3,), mask=jnp.asarray(mask), rngs=nnx.Rngs(0))
-    sparse, report = sparsify(dense, report=True)  # the kernel itself is dense; kernel * mask is 2:4
+    sparse, report = sparsify(
+        dense, report=True
+    )  # the kernel itself is dense; kernel * mask is 2:4
     assert report.all_converted
     x = _x((2, 7, 8))
     _close(sparse(x), dense(x))
@@ -361,7 +463,9 @@ def _scanned_mlp():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Rngs.fork(split=) on newer flax
         model = ScannedMLP(nnx.Rngs(0))
-    pruned, _ = sparse_jax.prune(nnx.state(model, nnx.Param))  # stacked (L, in, out): axis 1 per layer
+    pruned, _ = sparse_jax.prune(
+        nnx.state(model, nnx.Param)
+    )  # stacked (L, in, out): axis 1 per layer
     nnx.update(model, pruned)
     return model
 
@@ -370,14 +474,22 @@ def test_stacked_mlp_under_scan_matches_numpy_layer_loop():
     model = _scanned_mlp()
     sparse, report = sparsify(model, report=True)
     assert report.all_converted and {r.axis for r in report.converted} == {1}
-    assert sparse.blocks.up_proj.values.shape == (N_LAYERS, 16, 32)  # 16 inputs padded to 32, half kept
+    assert sparse.blocks.up_proj.values.shape == (
+        N_LAYERS,
+        16,
+        32,
+    )  # 16 inputs padded to 32, half kept
     assert sparse.blocks.up_proj.meta.shape == (N_LAYERS, 1, 32)
     x = _x((4, 16))
     expected = np.asarray(x, np.float64)
     for layer in range(N_LAYERS):
         block = {name: getattr(model.blocks, name) for name in ("up_proj", "down_proj")}
-        w1, w2 = (np.asarray(block[n].kernel[...][layer], np.float64) for n in ("up_proj", "down_proj"))
-        b1, b2 = (np.asarray(block[n].bias[...][layer], np.float64) for n in ("up_proj", "down_proj"))
+        w1, w2 = (
+            np.asarray(block[n].kernel[...][layer], np.float64) for n in ("up_proj", "down_proj")
+        )
+        b1, b2 = (
+            np.asarray(block[n].bias[...][layer], np.float64) for n in ("up_proj", "down_proj")
+        )
         assert (np.count_nonzero(w1.reshape(4, 4, 32), axis=1) <= 2).all()
         expected = expected + np.maximum(expected @ w1 + b1, 0) @ w2 + b2
     _close(sparse(x), expected)
@@ -387,12 +499,18 @@ def test_stacked_mlp_under_scan_matches_numpy_layer_loop():
     assert grads["blocks"]["up_proj"]["values"][...].shape == (N_LAYERS, 16, 32)
     dense_grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
     s = sparse.blocks.down_proj.kernel
-    scattered = sparse_jax.decompress(sparse_jax.Sparse24(grads["blocks"]["down_proj"]["values"][...], s.meta, s.shape, s.axis))
+    scattered = sparse_jax.decompress(
+        sparse_jax.Sparse24(grads["blocks"]["down_proj"]["values"][...], s.meta, s.shape, s.axis)
+    )
     dense_grad = np.asarray(dense_grads["blocks"]["down_proj"]["kernel"][...])
-    _close(scattered, np.where(np.asarray(sparse_jax.decompress(s)) != 0, dense_grad, 0.0), tol=1e-4)
+    _close(
+        scattered, np.where(np.asarray(sparse_jax.decompress(s)) != 0, dense_grad, 0.0), tol=1e-4
+    )
     back = densify(sparse)
     assert isinstance(back.blocks.up_proj, nnx.Linear)
-    np.testing.assert_array_equal(np.asarray(back.blocks.up_proj.kernel[...]), np.asarray(model.blocks.up_proj.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(back.blocks.up_proj.kernel[...]), np.asarray(model.blocks.up_proj.kernel[...])
+    )
     _close(back(x), model(x))
 
 
@@ -428,14 +546,19 @@ def test_stacked_conv_linear_general_einsum_under_scan():
         return block(x)
 
     sparse, report = sparsify(blocks, report=True)
-    assert {r.path: r.axis for r in report.converted} == {k: a + 1 for k, a in MIXED_BLOCK_AXES.items()}
+    assert {r.path: r.axis for r in report.converted} == {
+        k: a + 1 for k, a in MIXED_BLOCK_AXES.items()
+    }
     assert report.all_converted and sparse.conv.values.shape == (N_LAYERS, 3, 16, 8)
     x = _x((2, 6, 8))
     _close(run(x, sparse), run(x, blocks))
     _close(nnx.jit(lambda m, x: run(x, m))(sparse, x), run(x, blocks))
     back = densify(sparse)
     for name in MIXED_BLOCK_AXES:
-        np.testing.assert_array_equal(np.asarray(getattr(back, name).kernel[...]), np.asarray(getattr(blocks, name).kernel[...]))
+        np.testing.assert_array_equal(
+            np.asarray(getattr(back, name).kernel[...]),
+            np.asarray(getattr(blocks, name).kernel[...]),
+        )
     _close(run(x, back), run(x, blocks))
 
 
@@ -445,15 +568,19 @@ def test_stacked_layer_called_outside_scan_says_so():
         sparse.blocks.up_proj(_x((2, 16)))
 
 
-# ----------------------------------------------------------------------------- bf16, unconvertible, round trip
+# ------------------------------------------------- bf16, unconvertible, round trip
 
 
 class Mixed(nnx.Module):
     """One layer of every kind."""
 
     def __init__(self, rngs, dtype=None):
-        self.conv = nnx.Conv(8, 16, (3, 3), strides=2, feature_group_count=2, dtype=dtype, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=32, decode=False, dtype=dtype, rngs=rngs)
+        self.conv = nnx.Conv(
+            8, 16, (3, 3), strides=2, feature_group_count=2, dtype=dtype, rngs=rngs
+        )
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=2, in_features=16, qkv_features=32, decode=False, dtype=dtype, rngs=rngs
+        )
         self.proj = nnx.Einsum("btd,od->bto", (12, 16), (12,), dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(12, 4, dtype=dtype, rngs=rngs)
 
@@ -493,19 +620,27 @@ def test_densify_round_trip_every_kind():
     pairs = [("conv", nnx.Conv), ("proj", nnx.Einsum), ("head", nnx.Linear)]
     pairs += [(f"attn.{n}", nnx.LinearGeneral) for n in ("query", "key", "value", "out")]
     for name, kind in pairs:
-        get = lambda m: m.attn if name.startswith("attn") else m
+        def get(m, name=name):
+            return m.attn if name.startswith("attn") else m
+
         leaf = name.split(".")[-1]
         restored, original = getattr(get(back), leaf), getattr(get(model), leaf)
         assert type(restored) is kind
-        np.testing.assert_array_equal(np.asarray(restored.kernel[...]), np.asarray(original.kernel[...]))
-        np.testing.assert_array_equal(np.asarray(restored.bias[...]), np.asarray(original.bias[...]))
+        np.testing.assert_array_equal(
+            np.asarray(restored.kernel[...]), np.asarray(original.kernel[...])
+        )
+        np.testing.assert_array_equal(
+            np.asarray(restored.bias[...]), np.asarray(original.bias[...])
+        )
     x = _x((2, 8, 8, 8))
     _close(back(x), model(x))
 
 
 class Unknown(nnx.Module):
     def __init__(self, rngs):
-        self.weight = nnx.Param(jnp.asarray(np_prune_2_4(jax.random.normal(rngs.params(), (8, 4)), 0), jnp.float32))
+        self.weight = nnx.Param(
+            jnp.asarray(np_prune_2_4(jax.random.normal(rngs.params(), (8, 4)), 0), jnp.float32)
+        )
 
     def __call__(self, x):
         return x @ self.weight[...]
@@ -516,7 +651,9 @@ class Unconvertible(nnx.Module):
         self.odd = nnx.Linear(6, 8, rngs=rngs)  # reduction size 6
         self.depthwise = nnx.Conv(8, 8, (3,), feature_group_count=8, rngs=rngs)  # 1 input per group
         self.batched = nnx.LinearGeneral(8, 4, batch_axis={0: 2}, rngs=rngs)
-        self.per_head = nnx.Einsum("bnd,nde->bne", (2, 8, 4), rngs=rngs)  # 'n' is a kernel batch axis
+        self.per_head = nnx.Einsum(
+            "bnd,nde->bne", (2, 8, 4), rngs=rngs
+        )  # 'n' is a kernel batch axis
         self.transpose = nnx.ConvTranspose(8, 4, (3,), rngs=rngs)
         self.unknown = Unknown(rngs)
         self.dense = nnx.Linear(8, 8, rngs=rngs)  # not pruned
@@ -530,13 +667,26 @@ def test_unconvertible_layers_are_listed_with_reasons():
     sparse, report = sparsify(model, report=True)
     reasons = {r.path: r.reason for r in report.left_dense}
     assert [r.path for r in report.converted] == ["fine"] and isinstance(sparse.fine, SparseLinear)
-    assert set(reasons) == {"odd", "depthwise", "batched", "per_head", "transpose/kernel", "unknown/weight", "dense"}
+    assert set(reasons) == {
+        "odd",
+        "depthwise",
+        "batched",
+        "per_head",
+        "transpose/kernel",
+        "unknown/weight",
+        "dense",
+    }
     assert reasons["odd"] == "reduction size 6 (axis 0) is not a multiple of 4"
     assert reasons["depthwise"] == "reduction size 1 (axis 1) is not a multiple of 4"
     assert "batch_axis" in reasons["batched"]
     assert "kernel axis 0 ('n') is a batch axis" in reasons["per_head"]
-    assert "2:4 along axis 1" in reasons["transpose/kernel"] and "ConvTranspose" in reasons["transpose/kernel"]
-    assert "2:4 along axis 0" in reasons["unknown/weight"] and "Unknown" in reasons["unknown/weight"]
+    assert (
+        "2:4 along axis 1" in reasons["transpose/kernel"]
+        and "ConvTranspose" in reasons["transpose/kernel"]
+    )
+    assert (
+        "2:4 along axis 0" in reasons["unknown/weight"] and "Unknown" in reasons["unknown/weight"]
+    )
     assert reasons["dense"].startswith("kernel (8, 8) is not 2:4 along axis 0: ")
     for name in reasons:
         node = getattr(sparse, name.split("/")[0])
@@ -548,7 +698,14 @@ def test_unconvertible_layers_are_listed_with_reasons():
         sparsify(model, strict=True)
     # prune=True converts the unpruned dense layer too; the structural reasons remain.
     forced = sparsify(model, prune=True, report=True)[1]
-    assert {r.path for r in forced.left_dense} == {"odd", "depthwise", "batched", "per_head", "transpose/kernel", "unknown/weight"}
+    assert {r.path for r in forced.left_dense} == {
+        "odd",
+        "depthwise",
+        "batched",
+        "per_head",
+        "transpose/kernel",
+        "unknown/weight",
+    }
 
 
 def test_einsum_pruned_on_another_axis_is_listed_not_converted():
@@ -557,8 +714,12 @@ def test_einsum_pruned_on_another_axis_is_listed_not_converted():
             self.proj = nnx.Einsum("bd,od->bo", (8, 16), rngs=rngs)
 
     model = Wrapper(nnx.Rngs(0))
-    _mask_kernel(model.proj, 0)  # what a name/shape rule would pick: axis 0, but 'd' (axis 1) is contracted
-    with pytest.warns(SparsifyWarning, match=r"proj \(Einsum\): kernel \(8, 16\) is not 2:4 along axis 1"):
+    _mask_kernel(
+        model.proj, 0
+    )  # what a name/shape rule would pick: axis 0, but 'd' (axis 1) is contracted
+    with pytest.warns(
+        SparsifyWarning, match=r"proj \(Einsum\): kernel \(8, 16\) is not 2:4 along axis 1"
+    ):
         assert isinstance(sparsify(model).proj, nnx.Einsum)
 
 

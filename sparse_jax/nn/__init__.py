@@ -10,7 +10,12 @@
 
 from sparse_jax.nn._base import SparseKernelLayer, SparseMeta
 from sparse_jax.nn._convert import LayerResult, SparsifyReport, SparsifyWarning, densify, sparsify
-from sparse_jax.nn._layers import SparseConv, SparseEinsum, SparseLinearGeneral, einsum_reduction_axis
+from sparse_jax.nn._layers import (
+    SparseConv,
+    SparseEinsum,
+    SparseLinearGeneral,
+    einsum_reduction_axis,
+)
 from sparse_jax.nn._sparse_linear import SparseLinear
 
 __all__ = [

@@ -50,8 +50,14 @@ class SparseKernelLayer(nnx.Module):
         kernel_shape = tuple(int(s) for s in kernel_shape)
         name = type(self).__name__
         if not isinstance(kernel, Sparse24):
-            raise TypeError(f"{name}: kernel must be a sparse_jax.Sparse24, got {type(kernel).__name__}")
-        if stacked < 0 or tuple(kernel.shape[stacked:]) != kernel_shape or kernel.axis != stacked + axis:
+            raise TypeError(
+                f"{name}: kernel must be a sparse_jax.Sparse24, got {type(kernel).__name__}"
+            )
+        if (
+            stacked < 0
+            or tuple(kernel.shape[stacked:]) != kernel_shape
+            or kernel.axis != stacked + axis
+        ):
             raise ValueError(
                 f"{name}: kernel has shape {kernel.shape} compressed along axis {kernel.axis}; "
                 f"expected {stacked} stacked axes, then the layer's kernel {kernel_shape} "
@@ -126,7 +132,9 @@ def matmul_view(s: Sparse24, contracted: tuple[int, ...]) -> tuple[Sparse24, tup
     return view, order_k, inner
 
 
-def contract(x: jax.Array, x_axes: tuple[int, ...], s: Sparse24, contracted: tuple[int, ...], matmul_fn):
+def contract(
+    x: jax.Array, x_axes: tuple[int, ...], s: Sparse24, contracted: tuple[int, ...], matmul_fn
+):
     """Sums ``x``'s axes ``x_axes`` against kernel axes ``contracted`` (pairwise) via a 2-D matmul.
 
     Returns ``x``'s other axes (in order) followed by the kernel's free axes (in order).

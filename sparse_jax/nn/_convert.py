@@ -67,9 +67,15 @@ class SparsifyReport:
         return not self.left_dense
 
     def __str__(self) -> str:
-        lines = [f"sparsify: {len(self.converted)} layers converted, {len(self.left_dense)} left dense"]
-        lines += [f"  converted  {r.path or '<root>'} ({r.kind}, axis {r.axis})" for r in self.converted]
-        lines += [f"  dense      {r.path or '<root>'} ({r.kind}): {r.reason}" for r in self.left_dense]
+        lines = [
+            f"sparsify: {len(self.converted)} layers converted, {len(self.left_dense)} left dense"
+        ]
+        lines += [
+            f"  converted  {r.path or '<root>'} ({r.kind}, axis {r.axis})" for r in self.converted
+        ]
+        lines += [
+            f"  dense      {r.path or '<root>'} ({r.kind}): {r.reason}" for r in self.left_dense
+        ]
         return "\n".join(lines)
 
 
@@ -97,7 +103,9 @@ def _einsum_layout(layer: nnx.Einsum):
     reason = einsum_unsupported(layer)
     if reason:
         return reason
-    return len(layer.kernel_shape), einsum_reduction_axis(layer.einsum_str, len(layer.kernel_shape))[0]
+    return len(layer.kernel_shape), einsum_reduction_axis(
+        layer.einsum_str, len(layer.kernel_shape)
+    )[0]
 
 
 def _conv_layout(layer: nnx.Conv):
@@ -132,7 +140,10 @@ def _decide(layer: Any, prune: bool) -> tuple[int | None, str]:
         kernel = kernel * layer.mask
     stacked = kernel.ndim - base_ndim
     if stacked < 0 or tuple(kernel.shape[stacked:]) != _base_shape(layer):
-        return None, f"kernel shape {tuple(kernel.shape)} does not end in the layer's {_base_shape(layer)}"
+        return (
+            None,
+            f"kernel shape {tuple(kernel.shape)} does not end in the layer's {_base_shape(layer)}",
+        )
     axis += stacked
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         return axis, f"kernel is {kernel.dtype}, not floating point"
@@ -151,7 +162,11 @@ def _decide(layer: Any, prune: bool) -> tuple[int | None, str]:
 
 def _looks_pruned_axis(value: Any) -> int | None:
     """An axis along which an unknown layer's parameter is 2:4 (and not all zero), if any."""
-    if not hasattr(value, "ndim") or value.ndim < 2 or not jnp.issubdtype(value.dtype, jnp.floating):
+    if (
+        not hasattr(value, "ndim")
+        or value.ndim < 2
+        or not jnp.issubdtype(value.dtype, jnp.floating)
+    ):
         return None
     array = np.asarray(value)
     if not array.any():
@@ -282,11 +297,15 @@ def sparsify(
                 axis = _looks_pruned_axis(node[...])
                 if axis is not None:
                     owner = dict(nodes).get(path[:-1], out)
-                    left_dense.append(LayerResult(
-                        _path_str(path), type(owner).__name__, axis,
-                        f"parameter {tuple(node[...].shape)} is 2:4 along axis {axis}, but sparsify "
-                        f"has no compressed form of {type(owner).__name__}",
-                    ))
+                    left_dense.append(
+                        LayerResult(
+                            _path_str(path),
+                            type(owner).__name__,
+                            axis,
+                            f"parameter {tuple(node[...].shape)} is 2:4 along axis {axis}, but sparsify "
+                            f"has no compressed form of {type(owner).__name__}",
+                        )
+                    )
         for path, node in replacements:
             _replace(out, path, _KINDS[type(node)].convert(node, prune=prune, impl=impl))
     summary = SparsifyReport(tuple(converted), tuple(left_dense))
@@ -322,13 +341,16 @@ def densify(model: nnx.Module) -> nnx.Module:
       >>> conv = nnx.Conv(8, 4, (3,), rngs=nnx.Rngs(0))
       >>> sparse = sparse_jax.nn.sparsify(conv, prune=True)
       >>> dense = sparse_jax.nn.densify(sparse)
-      >>> type(dense).__name__, bool(jnp.allclose(dense(jnp.ones((1, 5, 8))), sparse(jnp.ones((1, 5, 8)))))
+      >>> x = jnp.ones((1, 5, 8))
+      >>> type(dense).__name__, bool(jnp.allclose(dense(x), sparse(x)))
       ('Conv', True)
     """
     if isinstance(model, SparseKernelLayer):
         return _dense_of(model)
     model = nnx.clone(model)
-    targets = [(tuple(p), n) for p, n in nnx.iter_graph(model) if p and isinstance(n, SparseKernelLayer)]
+    targets = [
+        (tuple(p), n) for p, n in nnx.iter_graph(model) if p and isinstance(n, SparseKernelLayer)
+    ]
     for path, node in targets:
         _replace(model, path, _dense_of(node))
     return model

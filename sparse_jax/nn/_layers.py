@@ -28,7 +28,13 @@ from jax import lax
 
 from sparse_jax._compressed import Sparse24, decompress
 from sparse_jax._matmul import matmul
-from sparse_jax.nn._base import SparseKernelLayer, _metadata, _new_variable, compress_layer_kernel, contract
+from sparse_jax.nn._base import (
+    SparseKernelLayer,
+    _metadata,
+    _new_variable,
+    compress_layer_kernel,
+    contract,
+)
 from sparse_jax.nn._sparse_linear import add_bias, constrain
 
 __all__ = ["SparseConv", "SparseEinsum", "SparseLinearGeneral", "einsum_reduction_axis"]
@@ -98,7 +104,10 @@ class SparseLinearGeneral(SparseKernelLayer):
                 f"{self.in_features} must have the same length"
             )
         self._set_kernel(
-            kernel, self.in_features + self.out_features, len(self.in_features) - 1, stacked,
+            kernel,
+            self.in_features + self.out_features,
+            len(self.in_features) - 1,
+            stacked,
             kernel_metadata,
         )
         self.bias = _bias_variable(bias, bias_metadata)
@@ -107,7 +116,9 @@ class SparseLinearGeneral(SparseKernelLayer):
         self.impl = impl
 
     @classmethod
-    def from_linear_general(cls, layer: nnx.LinearGeneral, *, prune: bool = False, impl: str = "auto"):
+    def from_linear_general(
+        cls, layer: nnx.LinearGeneral, *, prune: bool = False, impl: str = "auto"
+    ):
         """Compresses an ``nnx.LinearGeneral`` along its innermost input-feature axis."""
         reason = linear_general_unsupported(layer)
         if reason:
@@ -117,9 +128,15 @@ class SparseLinearGeneral(SparseKernelLayer):
             layer.kernel[...], len(base), len(layer.in_features) - 1, prune=prune
         )
         return cls(
-            kernel, layer.bias[...] if layer.bias is not None else None,
-            in_features=layer.in_features, out_features=layer.out_features, axis=layer.axis,
-            dtype=layer.dtype, param_dtype=layer.param_dtype, impl=impl, stacked=stacked,
+            kernel,
+            layer.bias[...] if layer.bias is not None else None,
+            in_features=layer.in_features,
+            out_features=layer.out_features,
+            axis=layer.axis,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            impl=impl,
+            stacked=stacked,
             kernel_metadata=_metadata(layer.kernel),
             bias_metadata=_metadata(layer.bias) if layer.bias is not None else None,
         )
@@ -127,9 +144,14 @@ class SparseLinearGeneral(SparseKernelLayer):
     def to_dense(self) -> nnx.LinearGeneral:
         """The equivalent ``nnx.LinearGeneral`` with the decompressed kernel."""
         layer = nnx.LinearGeneral(
-            self.in_features, self.out_features, axis=self.feature_axes,
-            use_bias=self.bias is not None, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0),
+            self.in_features,
+            self.out_features,
+            axis=self.feature_axes,
+            use_bias=self.bias is not None,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nnx.initializers.zeros_init(),
+            rngs=nnx.Rngs(0),
         )
         return _set_dense(layer, self)
 
@@ -143,7 +165,10 @@ class SparseLinearGeneral(SparseKernelLayer):
                 f"on axes {x_axes}, expected in_features {self.in_features}"
             )
         y = contract(
-            x.astype(dtype), x_axes, self._layer_kernel(dtype), tuple(range(len(self.in_features))),
+            x.astype(dtype),
+            x_axes,
+            self._layer_kernel(dtype),
+            tuple(range(len(self.in_features))),
             functools.partial(matmul, impl=self.impl),
         )
         return constrain(add_bias(y, self.bias, dtype), out_sharding)
@@ -189,11 +214,15 @@ def einsum_reduction_axis(einsum_str: str, kernel_ndim: int) -> tuple[int, tuple
     if "..." in rhs:
         raise ValueError(f"einsum_str {einsum_str!r}: an ellipsis in the kernel is not supported")
     if len(rhs) != kernel_ndim:
-        raise ValueError(f"einsum_str {einsum_str!r} names {len(rhs)} kernel axes, the kernel has {kernel_ndim}")
+        raise ValueError(
+            f"einsum_str {einsum_str!r} names {len(rhs)} kernel axes, the kernel has {kernel_ndim}"
+        )
     lhs_labels, out_labels = lhs.replace("...", ""), out.replace("...", "")
     for name, labels in (("input", lhs_labels), ("kernel", rhs), ("output", out_labels)):
         if len(set(labels)) != len(labels):
-            raise ValueError(f"einsum_str {einsum_str!r}: repeated labels in the {name} are not supported")
+            raise ValueError(
+                f"einsum_str {einsum_str!r}: repeated labels in the {name} are not supported"
+            )
     contracted = []
     for axis, label in enumerate(rhs):
         if label in lhs_labels and label in out_labels:
@@ -202,7 +231,9 @@ def einsum_reduction_axis(einsum_str: str, kernel_ndim: int) -> tuple[int, tuple
                 "(in the input and the output); not a 2-D matmul"
             )
         if label not in lhs_labels and label not in out_labels:
-            raise ValueError(f"einsum_str {einsum_str!r}: kernel axis {axis} ({label!r}) is summed alone")
+            raise ValueError(
+                f"einsum_str {einsum_str!r}: kernel axis {axis} ({label!r}) is summed alone"
+            )
         if label in lhs_labels:
             contracted.append(axis)
     for label in lhs_labels:
@@ -271,21 +302,33 @@ class SparseEinsum(SparseKernelLayer):
             raise ValueError(f"SparseEinsum: cannot convert this Einsum: {reason}")
         kernel_shape = tuple(layer.kernel_shape)
         axis, _ = einsum_reduction_axis(layer.einsum_str, len(kernel_shape))
-        kernel, stacked = compress_layer_kernel(layer.kernel[...], len(kernel_shape), axis, prune=prune)
+        kernel, stacked = compress_layer_kernel(
+            layer.kernel[...], len(kernel_shape), axis, prune=prune
+        )
         return cls(
-            kernel, layer.bias[...] if layer.bias is not None else None,
-            einsum_str=layer.einsum_str, dtype=layer.dtype, param_dtype=layer.param_dtype,
-            impl=impl, stacked=stacked, kernel_metadata=_metadata(layer.kernel),
+            kernel,
+            layer.bias[...] if layer.bias is not None else None,
+            einsum_str=layer.einsum_str,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            impl=impl,
+            stacked=stacked,
+            kernel_metadata=_metadata(layer.kernel),
             bias_metadata=_metadata(layer.bias) if layer.bias is not None else None,
         )
 
     def to_dense(self) -> nnx.Einsum:
         """The equivalent ``nnx.Einsum`` with the decompressed kernel."""
-        bias_shape = None if self.bias is None else tuple(self.bias[...].shape[self.stacked:])
+        bias_shape = None if self.bias is None else tuple(self.bias[...].shape[self.stacked :])
         layer = nnx.Einsum(
-            self.einsum_str, self.kernel_shape, bias_shape, dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=nnx.initializers.zeros_init(),
-            bias_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0),
+            self.einsum_str,
+            self.kernel_shape,
+            bias_shape,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nnx.initializers.zeros_init(),
+            bias_init=nnx.initializers.zeros_init(),
+            rngs=nnx.Rngs(0),
         )
         return _set_dense(layer, self)
 
@@ -300,12 +343,17 @@ class SparseEinsum(SparseKernelLayer):
         lhs, rhs, out = _split_einsum(self.einsum_str)
         explicit = len(lhs.replace("...", ""))
         if x.ndim < explicit or ("..." not in lhs and x.ndim != explicit):
-            raise ValueError(f"SparseEinsum: input of shape {x.shape} does not match {self.einsum_str!r}")
+            raise ValueError(
+                f"SparseEinsum: input of shape {x.shape} does not match {self.einsum_str!r}"
+            )
         fill = [f"<{i}>" for i in range(x.ndim - explicit)]  # labels for the ellipsis axes
         x_labels, out_labels = _expand_ellipsis(lhs, fill), _expand_ellipsis(out, fill)
         x_axes = tuple(x_labels.index(rhs[a]) for a in self.contracted)
         y = contract(
-            x.astype(dtype), x_axes, self._layer_kernel(dtype), self.contracted,
+            x.astype(dtype),
+            x_axes,
+            self._layer_kernel(dtype),
+            self.contracted,
             functools.partial(matmul, impl=self.impl),
         )
         have = [c for c in x_labels if c not in rhs] + [c for c in rhs if c not in x_labels]
@@ -340,7 +388,9 @@ def _canonical_padding(padding, rank: int):
         return ((padding, padding),) * rank
     pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
     if len(pads) != rank or any(len(p) != 2 for p in pads):
-        raise ValueError(f"SparseConv: padding {padding!r} is not a string, an int or {rank} (lo, hi) pairs")
+        raise ValueError(
+            f"SparseConv: padding {padding!r} is not a string, an int or {rank} (lo, hi) pairs"
+        )
     return pads
 
 
@@ -427,12 +477,20 @@ class SparseConv(SparseKernelLayer):
         rank = len(conv.kernel_size)
         compressed, stacked = compress_layer_kernel(kernel, rank + 2, rank, prune=prune)
         return cls(
-            compressed, conv.bias[...] if conv.bias is not None else None,
-            in_features=conv.in_features, out_features=conv.out_features,
-            kernel_size=conv.kernel_size, strides=conv.strides, padding=conv.padding,
-            input_dilation=conv.input_dilation, kernel_dilation=conv.kernel_dilation,
-            feature_group_count=conv.feature_group_count, dtype=conv.dtype,
-            param_dtype=conv.param_dtype, precision=conv.precision, stacked=stacked,
+            compressed,
+            conv.bias[...] if conv.bias is not None else None,
+            in_features=conv.in_features,
+            out_features=conv.out_features,
+            kernel_size=conv.kernel_size,
+            strides=conv.strides,
+            padding=conv.padding,
+            input_dilation=conv.input_dilation,
+            kernel_dilation=conv.kernel_dilation,
+            feature_group_count=conv.feature_group_count,
+            dtype=conv.dtype,
+            param_dtype=conv.param_dtype,
+            precision=conv.precision,
+            stacked=stacked,
             kernel_metadata=_metadata(conv.kernel),
             bias_metadata=_metadata(conv.bias) if conv.bias is not None else None,
         )
@@ -441,11 +499,20 @@ class SparseConv(SparseKernelLayer):
         """The equivalent ``nnx.Conv`` with the decompressed kernel."""
         padding = self.padding if isinstance(self.padding, str) else list(self.padding)
         layer = nnx.Conv(
-            self.in_features, self.out_features, self.kernel_size, self.strides, padding=padding,
-            input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
-            feature_group_count=self.feature_group_count, use_bias=self.bias is not None,
-            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-            kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0),
+            self.in_features,
+            self.out_features,
+            self.kernel_size,
+            self.strides,
+            padding=padding,
+            input_dilation=self.input_dilation,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+            use_bias=self.bias is not None,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=nnx.initializers.zeros_init(),
+            rngs=nnx.Rngs(0),
         )
         return _set_dense(layer, self)
 
@@ -464,8 +531,12 @@ class SparseConv(SparseKernelLayer):
             padding = "VALID"
         elif padding == "CAUSAL":
             if rank != 1:
-                raise ValueError("SparseConv: causal padding is only implemented for 1-D convolutions")
-            x = jnp.pad(x, [(0, 0), (self.kernel_dilation[0] * (self.kernel_size[0] - 1), 0), (0, 0)])
+                raise ValueError(
+                    "SparseConv: causal padding is only implemented for 1-D convolutions"
+                )
+            x = jnp.pad(
+                x, [(0, 0), (self.kernel_dilation[0] * (self.kernel_size[0] - 1), 0), (0, 0)]
+            )
             padding = "VALID"
         elif not isinstance(padding, str):
             padding = [tuple(p) for p in padding]
@@ -477,10 +548,15 @@ class SparseConv(SparseKernelLayer):
         lhs_spec = (0, ndim - 1) + tuple(range(1, ndim - 1))
         rhs_spec = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
         y = lax.conv_general_dilated(
-            x.astype(dtype), kernel, self.strides, padding,
-            lhs_dilation=self.input_dilation, rhs_dilation=self.kernel_dilation,
+            x.astype(dtype),
+            kernel,
+            self.strides,
+            padding,
+            lhs_dilation=self.input_dilation,
+            rhs_dilation=self.kernel_dilation,
             dimension_numbers=lax.ConvDimensionNumbers(lhs_spec, rhs_spec, lhs_spec),
-            feature_group_count=self.feature_group_count, precision=self.precision,
+            feature_group_count=self.feature_group_count,
+            precision=self.precision,
         )
         y = add_bias(y, self.bias, dtype)
         if batch_dims != 1:

@@ -8,7 +8,13 @@ from flax import nnx
 
 from sparse_jax._compressed import Sparse24
 from sparse_jax._matmul import matmul
-from sparse_jax.nn._base import SparseKernelLayer, SparseMeta, _metadata, _new_variable, compress_layer_kernel
+from sparse_jax.nn._base import (
+    SparseKernelLayer,
+    SparseMeta,
+    _metadata,
+    _new_variable,
+    compress_layer_kernel,
+)
 
 __all__ = ["SparseLinear", "SparseMeta"]
 
@@ -70,14 +76,22 @@ class SparseLinear(SparseKernelLayer):
                 f"SparseLinear: kernel must be a {2 + stacked}-d Sparse24 "
                 f"({'L, ' * stacked}in, out) compressed along axis {stacked}, got "
                 f"{type(kernel).__name__}"
-                + (f" of shape {kernel.shape}, axis {kernel.axis}" if isinstance(kernel, Sparse24) else "")
+                + (
+                    f" of shape {kernel.shape}, axis {kernel.axis}"
+                    if isinstance(kernel, Sparse24)
+                    else ""
+                )
             )
         self.in_features, self.out_features = kernel.shape[stacked:]
         expected_bias = tuple(kernel.shape[:stacked]) + (self.out_features,)
         if bias is not None and tuple(bias.shape) != expected_bias:
-            raise ValueError(f"SparseLinear: bias has shape {tuple(bias.shape)}, expected {expected_bias}")
+            raise ValueError(
+                f"SparseLinear: bias has shape {tuple(bias.shape)}, expected {expected_bias}"
+            )
         self._set_kernel(kernel, kernel.shape[stacked:], 0, stacked, kernel_metadata)
-        self.bias = _new_variable(nnx.Param, bias, dict(bias_metadata or {})) if bias is not None else None
+        self.bias = (
+            _new_variable(nnx.Param, bias, dict(bias_metadata or {})) if bias is not None else None
+        )
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.impl = impl
@@ -97,8 +111,13 @@ class SparseLinear(SparseKernelLayer):
         kernel, stacked = compress_layer_kernel(linear.kernel[...], 2, 0, prune=prune)
         bias = linear.bias[...] if linear.bias is not None else None
         return cls(
-            kernel, bias, dtype=linear.dtype, param_dtype=linear.param_dtype, impl=impl,
-            stacked=stacked, kernel_metadata=_metadata(linear.kernel),
+            kernel,
+            bias,
+            dtype=linear.dtype,
+            param_dtype=linear.param_dtype,
+            impl=impl,
+            stacked=stacked,
+            kernel_metadata=_metadata(linear.kernel),
             bias_metadata=_metadata(linear.bias) if linear.bias is not None else None,
         )
 
