@@ -610,8 +610,12 @@ def test_every_kind_in_one_model_and_bf16_within_tolerance():
     sparse16 = sparsify(bf16, report=True)[0]
     got = np.asarray(sparse16(x).astype(jnp.float32), np.float64)
     want = np.asarray(sparse(x), np.float64)  # the same pruned weights in f32
-    assert got.dtype == np.float64 and sparse16(x).dtype == jnp.bfloat16
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
+    assert sparse16(x).dtype == jnp.bfloat16
+    # bf16 tolerance, relative (Frobenius): 2e-2 against the f32 result and 1e-2 against the
+    # pruned bf16 dense model (seen: 0.6% from f32, both ways; both round every layer to bf16).
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+    dense16 = np.asarray(bf16(x).astype(jnp.float32), np.float64)
+    assert np.linalg.norm(got - dense16) / np.linalg.norm(dense16) < 1e-2
 
 
 def test_densify_round_trip_every_kind():
