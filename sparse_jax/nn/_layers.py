@@ -286,7 +286,11 @@ class SparseEinsum(SparseKernelLayer):
         bias_metadata: dict | None = None,
     ):
         self.einsum_str = einsum_str.replace(" ", "")
-        base_ndim = kernel.ndim - stacked if isinstance(kernel, Sparse24) else 0
+        if not isinstance(kernel, Sparse24):
+            raise TypeError(
+                f"SparseEinsum: kernel must be a sparse_jax.Sparse24, got {type(kernel).__name__}"
+            )
+        base_ndim = kernel.ndim - stacked
         axis, self.contracted = einsum_reduction_axis(self.einsum_str, base_ndim)
         self._set_kernel(kernel, kernel.shape[stacked:], axis, stacked, kernel_metadata)
         self.bias = _bias_variable(bias, bias_metadata)
