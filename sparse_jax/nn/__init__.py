@@ -1,14 +1,38 @@
 """Flax NNX layers on the compressed 2:4 format.
 
-* `SparseLinear`: ``nnx.Linear`` with a `sparse_jax.Sparse24` kernel.
-* `sparsify` / `densify`: swap a pruned model's ``Linear`` layers to
-  `SparseLinear` and back.
+* `SparseLinear`, `SparseLinearGeneral`, `SparseEinsum`, `SparseConv`: the
+  compressed forms of ``nnx.Linear``, ``nnx.LinearGeneral`` (attention
+  projections), ``nnx.Einsum`` and ``nnx.Conv``, stacked forms included.
+* `sparsify` / `densify`: swap a pruned model's layers to those and back;
+  `sparsify` lists what it cannot convert, with the reason, in a
+  `SparsifyReport` (or a `SparsifyWarning`).
 * `rules_from_model`: selection rules (reduction and stacked axes) read from
   a model's computation (`sparse_jax.rules_from_computation` for NNX).
 """
 
-from sparse_jax.nn._convert import densify, sparsify
+from sparse_jax.nn._base import SparseKernelLayer, SparseMeta
+from sparse_jax.nn._convert import LayerResult, SparsifyReport, SparsifyWarning, densify, sparsify
+from sparse_jax.nn._layers import (
+    SparseConv,
+    SparseEinsum,
+    SparseLinearGeneral,
+    einsum_reduction_axis,
+)
 from sparse_jax.nn._rules import rules_from_model
-from sparse_jax.nn._sparse_linear import SparseLinear, SparseMeta
+from sparse_jax.nn._sparse_linear import SparseLinear
 
-__all__ = ["SparseLinear", "SparseMeta", "densify", "rules_from_model", "sparsify"]
+__all__ = [
+    "LayerResult",
+    "SparseConv",
+    "SparseEinsum",
+    "SparseKernelLayer",
+    "SparseLinear",
+    "SparseLinearGeneral",
+    "SparseMeta",
+    "SparsifyReport",
+    "SparsifyWarning",
+    "densify",
+    "einsum_reduction_axis",
+    "rules_from_model",
+    "sparsify",
+]

@@ -6,15 +6,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax._compressed import Sparse24, compress, decompress
+from sparse_jax._compressed import Sparse24
 from sparse_jax._matmul import matmul
+from sparse_jax.nn._base import (
+    SparseKernelLayer,
+    SparseMeta,
+    _metadata,
+    _new_variable,
+    compress_layer_kernel,
+)
+
+__all__ = ["SparseLinear", "SparseMeta"]
 
 
-class SparseMeta(nnx.Variable):
-    """Packed 2-bit positions of a compressed kernel: state, but not a trainable Param."""
+def add_bias(y: jax.Array, bias, dtype) -> jax.Array:
+    if bias is None:
+        return y
+    bias = bias[...].astype(dtype)
+    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
-class SparseLinear(nnx.Module):
+def constrain(y: jax.Array, out_sharding) -> jax.Array:
+    """The ``out_sharding`` the NNX layers accept, as a sharding constraint."""
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+
+class SparseLinear(SparseKernelLayer):
     """``y = x @ W + b`` with ``W`` (in, out) held as a 2:4 `Sparse24` along ``in``.
 
     The kept values are an ``nnx.Param`` (trainable with the pattern fixed:
@@ -23,10 +40,13 @@ class SparseLinear(nnx.Module):
     ``precision`` of the ``nnx.Linear`` it came from.
 
     Args:
-      kernel: the compressed ``(in_features, out_features)`` kernel, axis 0.
-      bias: optional ``(out_features,)`` bias.
+      kernel: the compressed ``(in_features, out_features)`` kernel, axis 0
+        (with ``stacked`` leading layer axes: ``(L, in, out)``, axis 1, ...).
+      bias: optional ``(out_features,)`` bias (``(L, out_features)`` stacked).
       dtype: computation dtype (None: promote the input and the kernel).
       impl: `sparse_jax.matmul`'s ``impl``.
+      stacked: leading layer axes of a layer made under ``nnx.vmap`` and run
+        under ``nnx.scan``, which slices them off before the forward pass.
 
     Example:
       >>> import jax, jax.numpy as jnp, sparse_jax
@@ -47,44 +67,59 @@ class SparseLinear(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         impl: str = "auto",
+        stacked: int = 0,
+        kernel_metadata: dict | None = None,
+        bias_metadata: dict | None = None,
     ):
-        if not isinstance(kernel, Sparse24) or kernel.ndim != 2 or kernel.axis != 0:
+        if not isinstance(kernel, Sparse24) or kernel.ndim != 2 + stacked or kernel.axis != stacked:
             raise ValueError(
-                "SparseLinear: kernel must be a 2-d Sparse24 (in, out) compressed along "
-                f"axis 0, got {type(kernel).__name__}"
-                + (f" of shape {kernel.shape}, axis {kernel.axis}" if isinstance(kernel, Sparse24) else "")
+                f"SparseLinear: kernel must be a {2 + stacked}-d Sparse24 "
+                f"({'L, ' * stacked}in, out) compressed along axis {stacked}, got "
+                f"{type(kernel).__name__}"
+                + (
+                    f" of shape {kernel.shape}, axis {kernel.axis}"
+                    if isinstance(kernel, Sparse24)
+                    else ""
+                )
             )
-        self.in_features, self.out_features = kernel.shape
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
+        self.in_features, self.out_features = kernel.shape[stacked:]
+        expected_bias = tuple(kernel.shape[:stacked]) + (self.out_features,)
+        if bias is not None and tuple(bias.shape) != expected_bias:
             raise ValueError(
-                f"SparseLinear: bias has shape {tuple(bias.shape)}, expected ({self.out_features},)"
+                f"SparseLinear: bias has shape {tuple(bias.shape)}, expected {expected_bias}"
             )
-        self.values = nnx.Param(kernel.values)
-        self.meta = SparseMeta(kernel.meta)
-        self.bias = nnx.Param(bias) if bias is not None else None
+        self._set_kernel(kernel, kernel.shape[stacked:], 0, stacked, kernel_metadata)
+        self.bias = (
+            _new_variable(nnx.Param, bias, dict(bias_metadata or {})) if bias is not None else None
+        )
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.impl = impl
 
-    @property
-    def kernel(self) -> Sparse24:
-        """The compressed kernel as a `Sparse24`."""
-        return Sparse24(
-            self.values[...], self.meta[...], (self.in_features, self.out_features), 0
-        )
-
     @classmethod
     def from_linear(cls, linear: nnx.Linear, *, prune: bool = False, impl: str = "auto"):
         """Compresses an ``nnx.Linear`` whose kernel is 2:4 along its input axis.
+
+        A kernel with extra leading axes (``(L, in, out)``, from ``nnx.vmap``)
+        is a stack of layers; each is compressed along its own input axis.
 
         Args:
           linear: the layer; its kernel must be 2:4 along axis 0 unless ``prune``.
           prune: keep the 2 largest magnitudes per group instead of requiring 2:4.
           impl: `sparse_jax.matmul`'s ``impl`` for the new layer.
         """
-        kernel = compress(linear.kernel[...], axis=0, prune=prune)
+        kernel, stacked = compress_layer_kernel(linear.kernel[...], 2, 0, prune=prune)
         bias = linear.bias[...] if linear.bias is not None else None
-        return cls(kernel, bias, dtype=linear.dtype, param_dtype=linear.param_dtype, impl=impl)
+        return cls(
+            kernel,
+            bias,
+            dtype=linear.dtype,
+            param_dtype=linear.param_dtype,
+            impl=impl,
+            stacked=stacked,
+            kernel_metadata=_metadata(linear.kernel),
+            bias_metadata=_metadata(linear.bias) if linear.bias is not None else None,
+        )
 
     def to_linear(self) -> nnx.Linear:
         """The equivalent ``nnx.Linear`` with the decompressed (masked dense) kernel."""
@@ -97,17 +132,13 @@ class SparseLinear(nnx.Module):
             kernel_init=nnx.initializers.zeros_init(),
             rngs=nnx.Rngs(0),
         )
-        linear.kernel[...] = decompress(self.kernel)
+        linear.kernel = _new_variable(nnx.Param, self.dense_kernel(), _metadata(self.values))
         if self.bias is not None:
-            linear.bias[...] = self.bias[...]
+            linear.bias = _new_variable(nnx.Param, self.bias[...], _metadata(self.bias))
         return linear
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel
-        dtype = self.dtype or jnp.result_type(x.dtype, kernel.values.dtype)
-        kernel = Sparse24(kernel.values.astype(dtype), kernel.meta, kernel.shape, 0)
-        y = matmul(jnp.asarray(x, dtype), kernel, impl=self.impl)
-        if self.bias is not None:
-            bias = self.bias[...].astype(dtype)
-            y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
-        return y
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+        values = self.values[...]
+        dtype = self.dtype or jnp.result_type(x.dtype, values.dtype)
+        y = matmul(jnp.asarray(x, dtype), self._layer_kernel(dtype), impl=self.impl)
+        return constrain(add_bias(y, self.bias, dtype), out_sharding)
