@@ -312,31 +312,33 @@ def _plan_leaf(
         if action == "default":
             break
         if isinstance(action, Layout):
-            label = "the computation" if action.source == "computation" else f"rule {pattern.pattern!r}"
+            computed = action.source == "computation"
+            label = "the computation" if computed else f"rule {pattern.pattern!r}"
+            suffix = "" if computed else f" by {label}"  # the report's "from" column says it
             source = action.source
             if action.stacked != () or action.names_stacked:
                 stacked = action.stacked_axes(len(shape), names, where=where)
             if action.skip is not None:
-                return plan(None, f"{action.skip} ({label})")
+                return plan(None, action.skip if computed else f"{action.skip} ({label})")
             if action.axis is None:
                 break  # stacked axes declared; the defaults choose the axis among the rest
             check_float(pattern.pattern)
             forced_axis = _patterns.normalize_axis(int(action.axis), len(shape), where=where)
             if forced_axis in stacked:
                 raise ValueError(f"{where}{label} prunes along axis {forced_axis}, a stacked axis")
-            if action.source == "computation" and shape[forced_axis] % m:
+            if computed and shape[forced_axis] % m:
                 # A computed axis is a fact about the model, not a demand: skip like the defaults.
                 return plan(
                     None,
-                    f"reduction size {shape[forced_axis]} (axis {forced_axis}) not a multiple "
-                    f"of {m} ({label})",
+                    f"reduction size {shape[forced_axis]} (axis {forced_axis}) not a multiple of {m}",
                 )
         else:
             check_float(pattern.pattern)
             label, source = f"rule {pattern.pattern!r}", "rule"
+            suffix = f" by {label}"
             forced_axis = int(action)
         axis = _patterns.check_nm_args(shape, n, m, forced_axis, where=where)
-        return plan(axis, f"pruned along axis {axis} by {label}")
+        return plan(axis, f"pruned along axis {axis}{suffix}")
 
     if stacked and source == "default":
         source = "names"
