@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from sparse_jax import _packing, _paths, _prune, _selection
 
@@ -104,6 +105,19 @@ def _aligned_masks(packed_masks: Any, tree: Any, what: str) -> list[PackedMask |
                 f"built at init for shape {tuple(mask.shape)}"
             )
     return [mask for _, mask in stored]
+
+
+def _tree_like(params: Any, leaves: list[Any]) -> Any:
+    """``leaves`` in the structure of ``params``, with NNX variables unwrapped.
+
+    An ``nnx.Param`` holding a `PackedMask` would not survive ``nnx.jit`` (its
+    value is flattened into plain dicts), so the mask tree keeps the params'
+    paths but not their variable wrappers.
+    """
+    remaining = iter(leaves)
+    return jax.tree.map(
+        lambda _: next(remaining), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def _find_state(opt_state: Any) -> MaskedState:
@@ -234,7 +248,7 @@ def masked(
     def init_fn(params):
         if params is None:
             raise ValueError("sparse_jax.masked: init needs the params tree")
-        param_leaves, treedef = jax.tree.flatten(params)
+        param_leaves = jax.tree.leaves(params)
         if not param_leaves:
             # No leaves: e.g. the placeholder of optax.tree_map_params. An array
             # here (not a params-shaped tree) tells it the masks are not params.
@@ -251,7 +265,7 @@ def masked(
             )
             for mask, param in zip(aligned, param_leaves)
         ]
-        return MaskedState(inner.init(params), treedef.unflatten(packed))
+        return MaskedState(inner.init(params), _tree_like(params, packed))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
