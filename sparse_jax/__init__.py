@@ -1,7 +1,7 @@
 """sparse_jax: N:M (2:4) structured sparsity for JAX, optax and Flax."""
 
 # --- core: patterns, selection rules, pruning, the masked transform (issue 2) ---
-from sparse_jax._masked import MaskedState, masked, masks_from_state
+from sparse_jax._masked import MaskedState, PackedMask, apply_updates, masked, masks_from_state
 from sparse_jax._patterns import is_nm_sparse, nm_mask, nm_violations
 from sparse_jax._prune import (
     ReportRow,

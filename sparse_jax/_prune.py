@@ -153,41 +153,87 @@ def _nm_axes(shape: tuple[int, ...], n: int, m: int, array: jax.Array) -> list[i
     ]
 
 
+def _group_counts(mask: Any, m: int, axis: int) -> np.ndarray:
+    """Kept entries of each contiguous group of ``m`` along ``axis`` (flat)."""
+    moved = np.moveaxis(np.asarray(mask, dtype=bool), axis, -1)
+    return moved.reshape(-1, m).sum(axis=-1)
+
+
+def _bad_groups(mask: Any, n: int, m: int, axis: int, allow_fewer: bool) -> np.ndarray:
+    counts = _group_counts(mask, m, axis)
+    return counts[counts > n] if allow_fewer else counts[counts != n]
+
+
 def check_masks(
     params: Any,
     masks: Any,
     n: int = 2,
     m: int = 4,
     rules: _selection.Rules | None = None,
+    *,
+    allow_fewer: bool = False,
 ) -> None:
-    """Raises unless every mask in ``masks`` is an N:M pattern on its leaf's axis.
+    """Raises unless every mask keeps exactly ``n`` of each group of ``m`` on its axis.
 
-    The axis comes from the rules (`sparse_jax.plan_tree`); for a mask on a
-    leaf the rules would skip, any axis on which it is N:M is accepted.
+    The axis comes from the rules (`sparse_jax.plan_tree`; stacked layer axes
+    need nothing special, since groups run along one axis); for a mask on a
+    leaf the rules would skip, any axis on which it passes is accepted. An
+    all-False mask (a scoring function gone wrong) fails.
+
+    Args:
+      params: the parameter tree.
+      masks: its mask tree (bool arrays, ``None`` where not pruned).
+      n, m: the pattern.
+      rules: the rules used to prune (to recover each leaf's axis).
+      allow_fewer: accept groups keeping fewer than ``n`` (only more than ``n``
+        fails), as for a weight that is pruned and exactly zero anyway.
 
     Raises:
-      ValueError: naming the leaf path, shape, axis and the number of groups of
-        ``m`` that keep more than ``n`` entries.
+      ValueError: naming the leaf path, shape, axis, the number of bad groups
+        of ``m`` and the counts they keep.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, sparse_jax
+      >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}
+      >>> _, masks = sparse_jax.prune(params)
+      >>> sparse_jax.check_masks(params, masks)  # passes silently
+      >>> sparse_jax.check_masks(params, {"kernel": jnp.zeros((8, 4), bool)})
+      Traceback (most recent call last):
+      ...
+      ValueError: kernel (8, 4): mask is not 2:4 along axis 0: 8 of 8 groups of 4 keep other than exactly 2 (they keep 0)
     """
     aligned = align_masks(masks, params)
     plans = _selection.plan_tree(params, n, m, rules)
+    rule = "more than" if allow_fewer else "other than exactly"
     for plan, mask in zip(plans, aligned):
         if mask is None:
             continue
         where = _where_str(plan.path, plan.shape)
         if plan.axis is None:
-            if not _nm_axes(plan.shape, n, m, mask):
+            passing = [
+                axis
+                for axis in range(len(plan.shape))
+                if plan.shape[axis] % m == 0
+                and not _bad_groups(mask, n, m, axis, allow_fewer).size
+            ]
+            if not passing:
                 raise ValueError(
-                    f"{where}mask is not {n}:{m} along any axis (the rules skip this "
-                    f"leaf: {plan.reason})"
+                    f"{where}mask is not {n}:{m} along any axis (no axis where every group of "
+                    f"{m} keeps {'at most' if allow_fewer else 'exactly'} {n}; the rules skip "
+                    f"this leaf: {plan.reason})"
                 )
             continue
-        bad = int(_patterns.nm_violations(mask, n, m, plan.axis))
-        if bad:
-            groups = math.prod(plan.shape) // m
+        if plan.shape[plan.axis] % m:
             raise ValueError(
-                f"{where}mask is not {n}:{m} along axis {plan.axis}: {bad} of "
-                f"{groups} groups of {m} keep more than {n}"
+                f"{where}axis {plan.axis} has size {plan.shape[plan.axis]}, not a multiple of {m}"
+            )
+        bad = _bad_groups(mask, n, m, plan.axis, allow_fewer)
+        if bad.size:
+            groups = math.prod(plan.shape) // m
+            kept = ", ".join(str(int(c)) for c in np.unique(bad))
+            raise ValueError(
+                f"{where}mask is not {n}:{m} along axis {plan.axis}: {bad.size} of "
+                f"{groups} groups of {m} keep {rule} {n} (they keep {kept})"
             )
 
 

@@ -37,10 +37,23 @@ def test_prune_matches_reference_and_skips_the_rest():
 def test_prune_other_patterns_and_apply_masks():
     params = random_tree(1)
     pruned, masks = sparse_jax.prune(params, n=1, m=8)
+    w = np.asarray(params["dense"]["kernel"])
+    np.testing.assert_array_equal(masks["dense"]["kernel"], reference_mask(w, 1, 8, 0))
     assert bool(sparse_jax.is_nm_sparse(pruned["dense"]["kernel"], 1, 8, axis=0))
-    again = sparse_jax.apply_masks(params, masks)
-    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(pruned)):
-        np.testing.assert_array_equal(a, b)
+    # apply_masks against numpy on a hand-made mask (with NaN and inf at dropped
+    # entries, which must become exactly 0), not against prune's own output.
+    rng = np.random.default_rng(7)
+    hand = {k: {n: None for n in v} for k, v in params.items()}
+    hand["conv"]["kernel"] = rng.random((3, 3, 8, 16)) < 0.3
+    hand["norm"]["scale"] = rng.random(16) < 0.5
+    poisoned = jax.tree.map(np.array, params)
+    poisoned["conv"]["kernel"][~hand["conv"]["kernel"]] = np.nan
+    poisoned["norm"]["scale"][~hand["norm"]["scale"]] = np.inf
+    got = sparse_jax.apply_masks(poisoned, hand)
+    for name, leaf in (("conv", "kernel"), ("norm", "scale")):
+        want = np.where(hand[name][leaf], poisoned[name][leaf], 0.0)
+        np.testing.assert_array_equal(got[name][leaf], want)
+    np.testing.assert_array_equal(got["dense"]["kernel"], params["dense"]["kernel"])  # None: kept
 
 
 def test_prune_nnx_state_and_update_model():
@@ -79,9 +92,50 @@ def test_check_masks_reports_broken_groups():
     broken = jax.tree.map(lambda x: x, masks, is_leaf=lambda x: x is None)
     broken["dense"]["kernel"] = broken["dense"]["kernel"].at[:3, 0].set(True).at[4:8, 1].set(True)
     with pytest.raises(
-        ValueError, match=r"dense/kernel \(16, 10\): mask is not 2:4 along axis 0: 2 of 40 groups"
+        ValueError,
+        match=r"dense/kernel \(16, 10\): mask is not 2:4 along axis 0: 2 of 40 groups of 4 keep "
+        r"other than exactly 2 \(they keep 3, 4\)",
     ):
         sparse_jax.check_masks(params, broken)
+
+
+def test_check_masks_wants_exactly_n_unless_fewer_are_allowed():
+    params = random_tree()
+    _, masks = sparse_jax.prune(params)
+    dead = dict(masks, conv=dict(masks["conv"], kernel=jnp.zeros((3, 3, 8, 16), bool)))
+    # A scoring function gone wrong zeroes a whole layer: every group keeps 0.
+    with pytest.raises(
+        ValueError,
+        match=r"conv/kernel \(3, 3, 8, 16\): mask is not 2:4 along axis 2: 288 of 288 groups .* keep 0",
+    ):
+        sparse_jax.check_masks(params, dead)
+    sparse_jax.check_masks(params, dead, allow_fewer=True)  # fewer is allowed on request
+    # Hand-worked: one group keeps 1; allowed only with allow_fewer.
+    one_short = np.array(masks["dense"]["kernel"])
+    kept = np.flatnonzero(one_short[0:4, 3])
+    one_short[kept[0], 3] = False
+    fewer = dict(masks, dense=dict(masks["dense"], kernel=jnp.asarray(one_short)))
+    with pytest.raises(ValueError, match=r"1 of 40 groups of 4 keep other than exactly 2 \(they keep 1\)"):
+        sparse_jax.check_masks(params, fewer)
+    sparse_jax.check_masks(params, fewer, allow_fewer=True)
+    too_many = one_short.copy()
+    too_many[0:4, 5] = True
+    with pytest.raises(ValueError, match=r"1 of 40 groups of 4 keep more than 2 \(they keep 4\)"):
+        sparse_jax.check_masks(params, dict(masks, dense=dict(masks["dense"], kernel=jnp.asarray(too_many))), allow_fewer=True)
+
+
+def test_check_masks_on_stacked_layers_uses_the_plan_axis():
+    # Four layers stacked on axis 0, groups along axis 1 of each (16, 8) slice.
+    params = {"layers": {"kernel": jax.random.normal(jax.random.key(5), (4, 16, 8))}}
+    rules = [(r"layers/kernel", sparse_jax.Layout(axis=1, stacked=0))]
+    _, masks = sparse_jax.prune(params, rules=rules)
+    want = np.stack([reference_mask(np.asarray(params["layers"]["kernel"][i]), 2, 4, 0) for i in range(4)])
+    np.testing.assert_array_equal(masks["layers"]["kernel"], want)
+    sparse_jax.check_masks(params, masks, rules=rules)
+    broken = np.array(want)
+    broken[2, 4:8, 7] = False  # layer 2, one group
+    with pytest.raises(ValueError, match=r"layers/kernel \(4, 16, 8\): mask is not 2:4 along axis 1: 1 of 128"):
+        sparse_jax.check_masks(params, {"layers": {"kernel": jnp.asarray(broken)}}, rules=rules)
 
 
 def test_report_counts_and_text():
