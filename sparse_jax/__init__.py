@@ -13,6 +13,19 @@ from sparse_jax._prune import (
 )
 from sparse_jax._selection import LeafPlan, Layout, plan_tree
 
+# --- SR-STE (sparse from scratch) and transposable masks (issue 21) ---
+from sparse_jax._srste import (
+    SrsteState,
+    mask_flip_fraction,
+    srste,
+    srste_finalize,
+    srste_flip_fraction,
+    srste_masks,
+    srste_model,
+    srste_project,
+)
+from sparse_jax._transposable import is_transposable_nm, transposable_nm_mask
+
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
 from sparse_jax._matmul import matmul
