@@ -9,3 +9,6 @@ from sparse_jax.nn._convert import densify, sparsify
 from sparse_jax.nn._sparse_linear import SparseLinear, SparseMeta
 
 __all__ = ["SparseLinear", "SparseMeta", "densify", "sparsify"]
+from sparse_jax.nn._transposable_linear import TransposableSparseLinear, TransposedLayout  # noqa: E402
+
+__all__ += ["TransposableSparseLinear", "TransposedLayout"]
