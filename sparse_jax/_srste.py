@@ -385,7 +385,8 @@ def _find_state(opt_state: Any) -> SrsteState:
         raise ValueError("no sparse_jax.srste state found in opt_state")
     state = found[0]
     # nnx.Optimizer keeps optimizer state leaves in variables: unwrap them.
-    return jax.tree.map(lambda x: x[...] if hasattr(x, "get_value") else x, state)
+    is_variable = lambda x: hasattr(x, "get_value")  # noqa: E731
+    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, state, is_leaf=is_variable)
 
 
 def srste_masks(opt_state: Any, params: Any) -> Any:
