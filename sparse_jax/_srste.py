@@ -25,6 +25,19 @@ that follows multiplies it by its learning rate (and feeds it to its momentum).
 So `srste` goes *before* the optimizer in an ``optax.chain``; the default
 ``decay=2e-4`` is the paper's. After an adaptive optimizer such as Adam the
 term would be rescaled per entry; keep it before.
+
+Compared with qwix's N:M rule (``qwix.SparsityRule`` through a ``QtRule``'s
+``additional_qt_config``): qwix intercepts ``dot_general`` and recomputes the
+magnitude mask of the weight operand on every call, by default along the
+operand's last axis (``order='R'``; ``'C'`` for the second-to-last); the
+gradient reaches only the kept weights (it flows through a ``jnp.where``),
+and there is no sparse-refined decay; start/update steps live in
+``qwix.contrib.sparsity.SparsityModule``, which keeps the step and mask as
+``nnx.BatchStat`` in the model. Here the gradient reaches every dense weight
+straight through, the decay settles the mask, the axis per leaf comes from
+`sparse_jax.plan_tree`, the mask and schedule (``start_step``,
+``update_every``, the same refresh rule as qwix's) live in the optimizer
+state, and the final mask goes to `sparse_jax.masked` / `compress` / export.
 """
 
 from __future__ import annotations
