@@ -54,7 +54,7 @@ import optax
 from sparse_jax import _packing, _patterns, _prune, _selection, _transposable
 
 # A leaf's layout: None (not pruned), ("nm", axis) or ("transposable", (in, out)).
-Layout = tuple[str, Any] | None
+MaskLayout = tuple[str, Any] | None
 
 
 @jax.custom_vjp
@@ -73,7 +73,7 @@ def _straight_through_bwd(_, g):
 _straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
-def _layouts(params: Any, n: int, m: int, rules, transposable: bool) -> tuple[Layout, ...]:
+def _layouts(params: Any, n: int, m: int, rules, transposable: bool) -> tuple[MaskLayout, ...]:
     layouts = []
     for plan in _selection.plan_tree(params, n, m, rules):
         if plan.axis is None:
@@ -88,7 +88,7 @@ def _layouts(params: Any, n: int, m: int, rules, transposable: bool) -> tuple[La
     return tuple(layouts)
 
 
-def _mask_for(w: jax.Array, layout: Layout, n: int, m: int) -> jax.Array:
+def _mask_for(w: jax.Array, layout: MaskLayout, n: int, m: int) -> jax.Array:
     kind, axes = layout
     w = jax.lax.stop_gradient(w)
     if kind == "transposable":
@@ -231,7 +231,7 @@ class SrsteState:
     flip_fraction: jax.Array
     n: int
     m: int
-    layouts: tuple[Layout, ...]
+    layouts: tuple[MaskLayout, ...]
     update_every: int
     start_step: int
 
