@@ -22,6 +22,19 @@ from sparse_jax._oneshot import (
     wanda,
 )
 
+# --- SR-STE (sparse from scratch) and transposable masks (issue 21) ---
+from sparse_jax._srste import (
+    SrsteState,
+    mask_flip_fraction,
+    srste,
+    srste_finalize,
+    srste_flip_fraction,
+    srste_masks,
+    srste_model,
+    srste_project,
+)
+from sparse_jax._transposable import is_transposable_nm, transposable_nm_mask
+
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
 from sparse_jax._matmul import matmul

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax import _paths, _patterns, _selection
+from sparse_jax import _paths, _patterns, _selection, _transposable
 
 
 def _where_str(path: str, shape: tuple[int, ...]) -> str:
@@ -76,9 +76,17 @@ def align_masks(masks: Any, params: Any) -> list[jax.Array | None]:
     return aligned
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "axes"))
-def _prune_leaves(leaves, *, n: int, m: int, axes: tuple[int, ...]):
-    masks = [_patterns._nm_mask(x, n=n, m=m, axis=a) for x, a in zip(leaves, axes)]
+@functools.partial(jax.jit, static_argnames=("n", "m", "axes", "pairs"))
+def _prune_leaves(leaves, *, n: int, m: int, axes: tuple[int, ...], pairs: tuple | None = None):
+    pairs = pairs or (None,) * len(axes)
+    masks = [
+        _patterns._nm_mask(x, n=n, m=m, axis=a)
+        if pair is None
+        else _transposable._transposable_mask(
+            x, n=n, m=m, axes=pair, method="exact" if m <= _transposable._EXACT_MAX_M else "greedy"
+        )
+        for x, a, pair in zip(leaves, axes, pairs)
+    ]
     pruned = [jnp.where(k, x, jnp.zeros_like(x)) for x, k in zip(leaves, masks)]
     return pruned, masks
 
@@ -90,6 +98,7 @@ def prune(
     rules: _selection.Rules | None = None,
     *,
     asp_size_rule: bool = False,
+    transposable: bool = False,
 ) -> tuple[Any, Any]:
     """One-shot magnitude pruning of a parameter tree to N:M.
 
@@ -104,6 +113,10 @@ def prune(
       rules: ``(regex, action)`` overrides matched on leaf paths; an action is
         ``"skip"``, an ``int`` axis, or ``"default"``.
       asp_size_rule: also skip layers with in % 16 or out % 8 (as ASP does).
+      transposable: give leaves with an (in, out) pair that ``m`` divides
+        (Dense, Conv ``(..., in, out)``, stacked) a mask that is N:M along
+        both, `sparse_jax.transposable_nm_mask`, so ``dY @ W.T`` can be
+        sparse too; other pruned leaves get the ordinary N:M mask.
 
     Returns:
       ``(pruned_params, masks)``: the params with pruned entries set to 0, and a
@@ -127,6 +140,12 @@ def prune(
         n=int(n),
         m=int(m),
         axes=tuple(plans[i].axis for i in chosen),
+        pairs=tuple(
+            _transposable.block_axes_for(plans[i].shape, plans[i].axis, plans[i].stacked_axes, m)
+            for i in chosen
+        )
+        if transposable
+        else None,
     )
     new_leaves = list(leaves)
     all_masks: list[jax.Array | None] = [None] * len(leaves)

@@ -6,6 +6,8 @@
 * `sparsify` / `densify`: swap a pruned model's layers to those and back;
   `sparsify` lists what it cannot convert, with the reason, in a
   `SparsifyReport` (or a `SparsifyWarning`).
+* `TransposableSparseLinear`: a trainable layer whose transposable 2:4 kernel
+  runs both ``x @ W`` and ``dY @ W.T`` on compressed weights.
 * `rules_from_model`: selection rules (reduction and stacked axes) read from
   a model's computation (`sparse_jax.rules_from_computation` for NNX).
 """
@@ -20,6 +22,7 @@ from sparse_jax.nn._layers import (
 )
 from sparse_jax.nn._rules import rules_from_model
 from sparse_jax.nn._sparse_linear import SparseLinear
+from sparse_jax.nn._transposable_linear import TransposableSparseLinear, TransposedLayout
 
 __all__ = [
     "LayerResult",
@@ -31,6 +34,8 @@ __all__ = [
     "SparseMeta",
     "SparsifyReport",
     "SparsifyWarning",
+    "TransposableSparseLinear",
+    "TransposedLayout",
     "densify",
     "einsum_reduction_axis",
     "rules_from_model",
