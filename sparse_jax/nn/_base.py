@@ -40,6 +40,13 @@ class SparseKernelLayer(nnx.Module):
     under ``nnx.vmap``, run under ``nnx.scan``) holds ``stacked`` more leading
     axes in ``values`` and ``meta``; the transform slices them away, so the
     forward pass always sees one layer.
+
+    Example (every compressed layer is one; its kernel comes back as a `Sparse24`):
+      >>> import sparse_jax
+      >>> from flax import nnx
+      >>> layer = sparse_jax.nn.sparsify(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), prune=True)
+      >>> isinstance(layer, sparse_jax.nn.SparseKernelLayer), layer.kernel.shape, layer.kernel.axis
+      (True, (16, 8), 0)
     """
 
     kernel_shape: tuple[int, ...]
