@@ -21,6 +21,7 @@ from sparse_jax._oneshot import (
     update_calibration_stats,
     wanda,
 )
+from sparse_jax._oneshot_model import OneShotResult, OneShotRow, oneshot_prune
 
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept

@@ -8,6 +8,8 @@
   `SparsifyReport` (or a `SparsifyWarning`).
 * `rules_from_model`: selection rules (reduction and stacked axes) read from
   a model's computation (`sparse_jax.rules_from_computation` for NNX).
+* `oneshot_prune_model`: `sparse_jax.oneshot_prune` (SparseGPT, Wanda,
+  magnitude from calibration batches) for an NNX model.
 """
 
 from sparse_jax.nn._base import SparseKernelLayer, SparseMeta
@@ -18,6 +20,7 @@ from sparse_jax.nn._layers import (
     SparseLinearGeneral,
     einsum_reduction_axis,
 )
+from sparse_jax.nn._oneshot import oneshot_prune_model
 from sparse_jax.nn._rules import rules_from_model
 from sparse_jax.nn._sparse_linear import SparseLinear
 
@@ -33,6 +36,7 @@ __all__ = [
     "SparsifyWarning",
     "densify",
     "einsum_reduction_axis",
+    "oneshot_prune_model",
     "rules_from_model",
     "sparsify",
 ]
