@@ -561,10 +561,13 @@ def oneshot_prune(
         pruned, mask, where, masked_error, error = _solve(
             method, leaves[i], info, index, orders[i], stats[unit],
             n=n, m=m, block_size=block_size, damp=damp)
-        leaves[i] = leaves[i].at[where].set(pruned.astype(leaves[i].dtype)) if index else pruned
+        new = leaves[i].at[where].set(pruned.astype(leaves[i].dtype)) if index else pruned
         if i not in mask_leaves:
             mask_leaves[i] = jnp.zeros(shapes[i], bool)
-        mask_leaves[i] = mask_leaves[i].at[where].set(mask) if index else mask
+        new_mask = mask_leaves[i].at[where].set(mask) if index else mask
+        if shardings[i] is not None:  # back where the leaf lives, for the next passes
+            new, new_mask = jax.device_put((new, new_mask), shardings[i])
+        leaves[i], mask_leaves[i] = new, new_mask
         unit_stats = stats.pop(unit)
         report.append(OneShotRow(
             info.path, index, method, tuple(pruned.shape), int(unit_stats.count), masked_error,
@@ -618,16 +621,11 @@ def oneshot_prune(
             "oneshot_prune: these leaves are selected for pruning but fn never contracts them "
             f"with the calibration inputs (no statistics): {', '.join(never)}; skip them with "
             "rules=[(regex, 'skip')] or prune them with sparse_jax.prune")
-    new_leaves = []
+    new_leaves: list[Any] = []
     all_masks: list[Any] = []
     for i, leaf in enumerate(leaves):
-        mask = mask_leaves.get(i)
-        sharding = shardings[i]
-        if sharding is not None:
-            leaf = jax.device_put(leaf, sharding)
-            mask = None if mask is None else jax.device_put(mask, sharding)
         new_leaves.append(leaf)
-        all_masks.append(mask)
+        all_masks.append(mask_leaves.get(i))
     return OneShotResult(treedef.unflatten(new_leaves), treedef.unflatten(all_masks), tuple(report))
 
 
