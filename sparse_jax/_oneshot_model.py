@@ -160,9 +160,12 @@ def _closed_parts(closed: Any) -> tuple[Any, list[Any]]:
 class _Interpreter(_trace._Walker):
     """Evaluates a jaxpr concretely while following the tracked params leaves."""
 
-    def __init__(self, leaf_shapes, on_contract: Callable[..., None]):
+    def __init__(self, leaf_shapes, on_contract: Callable[..., None], segments: dict):
         super().__init__(leaf_shapes)
         self.on_contract = on_contract
+        # Jitted runs of equations by (id(jaxpr), first, last), shared by the passes
+        # of one call; the jaxpr is kept with its entry so that its id stays its own.
+        self.segments = segments
         self.scan_index: dict[int, int] = {}
 
     def run(self, closed: Any, args: list[Any], values: list[_trace._Value]):
@@ -180,24 +183,82 @@ class _Interpreter(_trace._Walker):
         def read_track(var):
             return _trace._PLAIN if isinstance(var, jex.Literal) else tracks.get(var, _trace._PLAIN)
 
-        for i, eqn in enumerate(jaxpr.eqns):
-            outs, out_values = self.step(eqn, [read(v) for v in eqn.invars],
-                                         [read_track(v) for v in eqn.invars])
-            for var, out, value in zip(eqn.outvars, outs, out_values):
-                env[var] = out
-                tracks[var] = value
-            for var in eqn.invars:  # free activations as soon as they are dead
+        def forget(used, i):  # free activations as soon as they are dead
+            for var in used:
                 if not isinstance(var, jex.Literal) and last.get(var) == i:
                     env.pop(var, None)
                     tracks.pop(var, None)
+
+        pending: list[int] = []  # a run of equations that touch no tracked leaf
+
+        def flush():
+            if not pending:
+                return
+            start, stop = pending[0], pending[-1]
+            fn, in_vars, out_vars, tainted_out = self.segment(jaxpr, start, stop, last)
+            outs = fn(*[env[v] for v in in_vars])
+            taint = {v: tracks.get(v, _trace._PLAIN).tainted for v in in_vars}
+            for var, out, tainted in zip(out_vars, outs, tainted_out(taint)):
+                env[var] = out
+                tracks[var] = _trace._Value((), tainted)
+            for i in pending:
+                forget(jaxpr.eqns[i].invars, i)
+            pending.clear()
+
+        for i, eqn in enumerate(jaxpr.eqns):
+            in_values = [read_track(v) for v in eqn.invars]
+            if not any(v.tracks for v in in_values):
+                pending.append(i)
+                continue
+            flush()
+            outs, out_values = self.step(eqn, [read(v) for v in eqn.invars], in_values)
+            for var, out, value in zip(eqn.outvars, outs, out_values):
+                env[var] = out
+                tracks[var] = value
+            forget(eqn.invars, i)
+        flush()
         return [read(v) for v in jaxpr.outvars], [read_track(v) for v in jaxpr.outvars]
+
+    def segment(self, jaxpr: Any, start: int, stop: int, last: dict[Any, int]):
+        """Equations ``start..stop`` of ``jaxpr`` as one jitted call (compiled once)."""
+        key = (id(jaxpr), start, stop)
+        cached = self.segments.get(key)
+        if cached is not None and cached[0] is jaxpr:
+            return cached[1]
+        eqns = jaxpr.eqns[start:stop + 1]
+        defined: set = set()
+        in_vars: list[Any] = []
+        for eqn in eqns:
+            for var in eqn.invars:
+                if not isinstance(var, jex.Literal) and var not in defined and var not in in_vars:
+                    in_vars.append(var)
+            defined.update(eqn.outvars)
+        out_vars = [v for eqn in eqns for v in eqn.outvars
+                    if not isinstance(v, jex.DropVar) and last.get(v, -1) > stop]
+
+        def evaluate(*in_arrays):
+            env = dict(zip(in_vars, in_arrays))
+            for eqn in eqns:
+                outs = _bind(eqn, [v.val if isinstance(v, jex.Literal) else env[v]
+                                   for v in eqn.invars])
+                env.update(zip(eqn.outvars, outs))
+            return [env[v] for v in out_vars]
+
+        def tainted_out(taint: dict) -> list[bool]:
+            taint = dict(taint)
+            for eqn in eqns:
+                t = any(taint.get(v, False) for v in eqn.invars if not isinstance(v, jex.Literal))
+                taint.update((v, t) for v in eqn.outvars)
+            return [taint[v] for v in out_vars]
+
+        entry = (jax.jit(evaluate), in_vars, out_vars, tainted_out)
+        self.segments[key] = (jaxpr, entry)
+        return entry
 
     def step(self, eqn: Any, args: list[Any], values: list[_trace._Value]):
         name = eqn.primitive.name
         n_out = len(eqn.outvars)
         tainted = any(v.tainted for v in values)
-        if not any(v.tracks for v in values):
-            return _bind(eqn, args), [_trace._Value((), tainted)] * n_out
         if name == "scan":
             return self.scan(eqn, args, values)
         if name == "cond":
@@ -376,12 +437,17 @@ def _single_device(x: jax.Array) -> jax.Array:
     return x
 
 
-def _relative_error(hessian, dense, other):
+@jax.jit
+def _relative_errors(hessian, dense, mask, pruned):
+    """``tr(D^T H D) / tr(W^T H W)`` for D = W - W*mask and D = W - pruned (float32)."""
+
     def quad(d):
         return jnp.sum(d * jnp.matmul(hessian, d, precision=_HIGHEST))
 
+    dense = dense.astype(jnp.float32)
     total = quad(dense)
-    return float(quad(dense - other) / total) if float(total) > 0 else 0.0
+    errors = jnp.stack([quad(jnp.where(mask, 0.0, dense)), quad(dense - pruned.astype(jnp.float32))])
+    return jnp.where(total > 0, errors / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def _solve(method, leaf, info, index, order, stats, *, n, m, block_size, damp):
@@ -405,9 +471,7 @@ def _solve(method, leaf, info, index, order, stats, *, n, m, block_size, damp):
     else:
         mask = _patterns.nm_mask(matrix, n, m, axis=0)
         pruned = jnp.where(mask, matrix, jnp.zeros((), matrix.dtype))
-    dense = matrix.astype(jnp.float32)
-    masked_error = _relative_error(hessian, dense, jnp.where(mask, dense, 0.0))
-    error = _relative_error(hessian, dense, pruned.astype(jnp.float32))
+    masked_error, error = (float(e) for e in _relative_errors(hessian, matrix, mask, pruned))
 
     def back(x):
         return jnp.moveaxis(x.reshape(moved.shape), list(range(len(order))), slice_order)
@@ -499,6 +563,7 @@ def oneshot_prune(
         for index in itertools.product(*(range(shapes[i][a]) for a in info.stacked))
     ]
     jaxprs: dict[Any, Any] = {}
+    segments: dict[tuple, tuple] = {}
 
     def traced(batch):
         batch_leaves, batch_tree = jax.tree.flatten(batch)
@@ -537,7 +602,7 @@ def oneshot_prune(
                 stats[unit] = _oneshot.CalibrationStats.zeros(x2d.shape[1])
             stats[unit] = stats[unit].update(x2d)
 
-        interp = _Interpreter(shapes, on_contract)
+        interp = _Interpreter(shapes, on_contract, segments)
         values = []
         for i, shape in enumerate(shapes):
             if i in infos:

@@ -150,7 +150,8 @@ class Stack(linen.Module):
         return x
 
 
-def test_scan_stacked_transformer_per_layer_slice():
+@pytest.mark.parametrize("method", ["wanda", pytest.param("sparsegpt", marks=pytest.mark.slow)])
+def test_scan_stacked_transformer_per_layer_slice(method):
     model = Stack(layers=3)
     batches = calibration((2, 8, 32), count=2)
     params = model.init(jax.random.key(0), batches[0])["params"]
@@ -158,7 +159,8 @@ def test_scan_stacked_transformer_per_layer_slice():
     def fn(p, x):
         return model.apply({"params": p}, x)
 
-    result = sparse_jax.oneshot_prune(fn, params, batches, keep_stats=True, progress=False)
+    result = sparse_jax.oneshot_prune(fn, params, batches, method=method, keep_stats=True,
+                                      progress=False)
     plans = {p.path: p for p in sparse_jax.plan_tree(
         params, rules=sparse_jax.rules_from_computation(fn, params, batches[0]))}
     kernels = {path: plan for path, plan in plans.items() if plan.pruned}
