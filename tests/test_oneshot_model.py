@@ -312,3 +312,47 @@ def test_bad_input_is_named():
         sparse_jax.oneshot_prune(python_loop, stacked, batches,
                                  rules=[("w", sparse_jax.Layout(axis=1, stacked=0))],
                                  progress=False)
+
+
+class Layer(nnx.Module):
+    def __init__(self, features, rngs):
+        self.linear = nnx.Linear(features, features, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.linear(x))
+
+
+class ScannedLayers(nnx.Module):
+    def __init__(self, layers, features, seed=0):
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def create(key):
+            return Layer(features, nnx.Rngs(key))
+
+        self.layers = create(jax.random.split(jax.random.key(seed), layers))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def forward(layer, x):
+            return layer(x)
+
+        return forward(self.layers, x)
+
+
+def test_nnx_scan_sequential_statistics_per_slice_by_hand():
+    model = ScannedLayers(layers=2, features=16)
+    batches = calibration((24, 16), count=2)
+    result = sparse_jax.nn.oneshot_prune_model(model, batches, method="wanda", keep_stats=True,
+                                               progress=False)
+    assert [(r.path, r.index) for r in result.report] == [
+        ("layers/linear/kernel", (0,)), ("layers/linear/kernel", (1,))]
+    kernel = np.asarray(result.params["layers"]["linear"]["kernel"][...], np.float64)
+    bias = np.asarray(result.params["layers"]["linear"]["bias"][...], np.float64)
+    assert kernel.shape == (2, 16, 16)
+    for layer in range(2):
+        assert_exactly_2_4(kernel[layer], axis=0)
+    # Slice 1 saw relu(x @ pruned slice 0 + bias 0).
+    x = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    h = np.maximum(x @ kernel[0] + bias[0], 0)
+    stats = result.report[1].stats
+    np.testing.assert_allclose(stats.xtx, h.T @ h, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(result.report[0].stats.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
