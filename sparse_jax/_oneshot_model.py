@@ -80,7 +80,8 @@ class OneShotRow(NamedTuple):
         calibration inputs: the chosen mask applied to the dense weights.
       error: the same for the returned weights (SparseGPT's update makes it
         smaller than ``masked_error``; for the other methods they are equal).
-      seconds: wall time of the solve.
+      seconds: wall time of the solve (with its compilation, the first time
+        a layer shape is seen).
       stats: the layer's `CalibrationStats` (``K`` in the order described in
         the module docstring) when ``keep_stats=True``, else None.
     """
@@ -541,6 +542,14 @@ def oneshot_prune(
       >>> all(row.error <= row.masked_error for row in report)  # SparseGPT's update helps
       True
     """
+    return _oneshot_prune(
+        fn, params, batches, method=method, n=n, m=m, rules=rules, sequential=sequential,
+        block_size=block_size, damp=damp, keep_stats=keep_stats, progress=progress, stacklevel=4)
+
+
+def _oneshot_prune(fn, params, batches, *, method, n, m, rules, sequential, block_size, damp,
+                   keep_stats, progress, stacklevel):
+    """`oneshot_prune`; ``stacklevel`` points the trace's warnings at the user's call."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     batches = list(batches)
@@ -552,7 +561,7 @@ def oneshot_prune(
     leaves = [jnp.asarray(leaf) for _, leaf in with_paths]
     shardings = [getattr(leaf, "sharding", None) for leaf in leaves]
     shapes = [tuple(leaf.shape) for leaf in leaves]
-    computed = _trace._rules(fn, params, (), (batches[0],), {}, stacklevel=3)
+    computed = _trace._rules(fn, params, (), (batches[0],), {}, stacklevel=stacklevel)
     plans = _selection.plan_tree(params, n, m, list(rules or []) + computed)
     infos = {
         i: _LeafInfo(paths[i], shapes[i], plan.axis, tuple(plan.stacked_axes))

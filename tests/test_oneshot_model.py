@@ -356,3 +356,34 @@ def test_nnx_scan_sequential_statistics_per_slice_by_hand():
     stats = result.report[1].stats
     np.testing.assert_allclose(stats.xtx, h.T @ h, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(result.report[0].stats.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, kernel_shape, axis, to_leaf_order", [
+    ("...NH,NHD->...D", (2, 8, 12), 1, (0, 1)),   # attention out kernel: K = (N, H)
+    ("...NH,HND->...D", (2, 8, 12), 1, (1, 0)),   # stored (H, N, D): K in leaf order (H, N)
+])
+def test_einsum_statistics_over_all_contracted_axes(spec, kernel_shape, axis, to_leaf_order):
+    params = {"w": jax.random.normal(jax.random.key(0), kernel_shape)}
+    inputs = tuple(kernel_shape[i] for i in np.argsort(to_leaf_order))  # (N, H) as x has them
+    batches = calibration((3, 5, *inputs), count=2)
+
+    def fn(p, x):
+        return jnp.einsum(spec, x, p["w"])
+
+    result = sparse_jax.oneshot_prune(fn, params, batches, method="wanda", keep_stats=True,
+                                      progress=False)
+    (row,) = result.report
+    x = np.concatenate([np.asarray(b, np.float64).reshape(-1, *inputs) for b in batches])
+    x = x.transpose(0, *(1 + np.array(to_leaf_order))).reshape(len(x), -1)
+    np.testing.assert_allclose(row.stats.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert_exactly_2_4(result.params["w"], axis=axis)
+    # Wanda's score uses the matching input norm for every weight.
+    w = np.asarray(params["w"], np.float64)
+    norms = np.sqrt((x * x).sum(0)).reshape(w.shape[:2])[..., None]
+    score = np.abs(w) * norms
+    moved = np.moveaxis(score, axis, -1)
+    kept = np.argsort(-moved.reshape(*moved.shape[:-1], -1, 4), axis=-1, kind="stable")[..., :2]
+    expected = np.zeros(moved.reshape(*moved.shape[:-1], -1, 4).shape, bool)
+    np.put_along_axis(expected, kept, True, axis=-1)
+    expected = np.moveaxis(expected.reshape(moved.shape), -1, axis)
+    np.testing.assert_array_equal(result.masks["w"], expected)

@@ -10,7 +10,20 @@ from flax import nnx
 from sparse_jax import _oneshot_model
 
 
-def oneshot_prune_model(model: nnx.Module, batches: Iterable[Any], **options: Any):
+def oneshot_prune_model(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    method: str = "sparsegpt",
+    n: int = 2,
+    m: int = 4,
+    rules: Any = None,
+    sequential: bool = True,
+    block_size: int = 128,
+    damp: float = 0.01,
+    keep_stats: bool = False,
+    progress: bool = True,
+):
     """One-shot N:M pruning of an NNX model's ``nnx.Param`` state from calibration batches.
 
     Splits ``model`` into its ``nnx.Param`` state and the rest and runs
@@ -24,8 +37,9 @@ def oneshot_prune_model(model: nnx.Module, batches: Iterable[Any], **options: An
       model: an NNX module, called as ``model(batch)`` (in the mode it is in:
         call ``model.eval()`` first for one with dropout).
       batches: calibration batches (arrays or pytrees of arrays).
-      **options: `sparse_jax.oneshot_prune`'s keyword arguments (``method``,
-        ``n``, ``m``, ``rules``, ``sequential``, ``keep_stats``, ...).
+      method, n, m, rules, sequential, block_size, damp, keep_stats, progress:
+        as for `sparse_jax.oneshot_prune` (``rules`` name the paths of
+        ``nnx.state(model, nnx.Param)``).
 
     Returns:
       A `sparse_jax.OneShotResult` ``(params, masks, report)``; ``params`` is
@@ -50,4 +64,6 @@ def oneshot_prune_model(model: nnx.Module, batches: Iterable[Any], **options: An
     def call(params_state: Any, batch: Any) -> Any:
         return nnx.merge(graphdef, params_state, rest, copy=True)(batch)
 
-    return _oneshot_model.oneshot_prune(call, params, batches, **options)
+    return _oneshot_model._oneshot_prune(
+        call, params, batches, method=method, n=n, m=m, rules=rules, sequential=sequential,
+        block_size=block_size, damp=damp, keep_stats=keep_stats, progress=progress, stacklevel=4)
