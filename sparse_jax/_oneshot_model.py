@@ -15,8 +15,9 @@ alongside: every value derived from a leaf (casts, reshapes, transposes,
 Calls (``jit``, ``remat``, ``custom_jvp``/``custom_vjp``) that carry a
 tracked leaf are entered, ``cond`` takes its branch, ``while`` loops, and
 ``scan`` is unrolled so that a scan-stacked leaf is seen one layer slice at a
-time (statistics per slice). Equations that touch no tracked leaf are bound
-as they are (a jitted block without params inside runs as one call).
+time (statistics per slice). Runs of equations that touch no tracked leaf
+are compiled and called as one jitted function each (once per call of
+`oneshot_prune`, reused over batches, passes and scan steps).
 
 At a ``dot_general`` that contracts a tracked leaf, the other operand is
 flattened to ``(tokens, K)``: tokens are all its dims that are not contracted,
