@@ -51,6 +51,7 @@ layer's first use; ops the tracking does not follow (``pallas_call``,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -136,7 +137,8 @@ def _bind(eqn: Any, values: list[Any]) -> list[Any]:
     subfuns: list[Any] = []
     if isinstance(bind_params, tuple):  # (subfuns, params) in some jax versions
         subfuns, bind_params = bind_params
-    with eqn.ctx.manager:
+    context = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
+    with context:
         out = eqn.primitive.bind(*subfuns, *values, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
@@ -235,8 +237,7 @@ class _Interpreter(_trace._Walker):
                 if not isinstance(var, jex.Literal) and var not in defined and var not in in_vars:
                     in_vars.append(var)
             defined.update(eqn.outvars)
-        out_vars = [v for eqn in eqns for v in eqn.outvars
-                    if not isinstance(v, jex.DropVar) and last.get(v, -1) > stop]
+        out_vars = [v for eqn in eqns for v in eqn.outvars if last.get(v, -1) > stop]
 
         def evaluate(*in_arrays):
             env = dict(zip(in_vars, in_arrays))
