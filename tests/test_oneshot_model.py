@@ -404,3 +404,30 @@ def test_einsum_statistics_over_all_contracted_axes(spec, kernel_shape, axis, to
     np.put_along_axis(expected, kept, True, axis=-1)
     expected = np.moveaxis(expected.reshape(moved.shape), -1, axis)
     np.testing.assert_array_equal(result.masks["w"], expected)
+
+
+def test_layers_inside_jit_remat_cond_and_while():
+    params, _ = two_layer(seed=1)
+
+    @jax.jit
+    @jax.checkpoint
+    def first(p, x):
+        return jax.nn.relu(x @ p["kernel"] + p["bias"])
+
+    def fn(p, x):
+        h = first(p["l1"], x)
+        out = jax.lax.cond(jnp.sum(h) > -1e9, lambda h: h @ p["l2"]["kernel"],
+                           lambda h: -(h @ p["l2"]["kernel"]), h)
+        # A fori_loop (while) that uses the second kernel again does not change its layout.
+        return jax.lax.fori_loop(0, 2, lambda i, o: o + 0.0 * (h @ p["l2"]["kernel"]), out)
+
+    batches = calibration((40, 32), count=2)
+    result = sparse_jax.oneshot_prune(fn, params, batches, method="wanda", keep_stats=True,
+                                      progress=False)
+    rows = {r.path: r for r in result.report}
+    x = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    np.testing.assert_allclose(rows["l1/kernel"].stats.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
+    # l2 is contracted with h three times per batch (cond branch, then twice in the loop).
+    expect = hidden_hessian(batches, result.params["l1"]["kernel"], params["l1"]["bias"])
+    assert int(rows["l2/kernel"].stats.count) == 3 * 80
+    np.testing.assert_allclose(rows["l2/kernel"].stats.xtx, 3 * expect, rtol=1e-4, atol=1e-3)
