@@ -43,7 +43,10 @@ statistics is stored between batches. ``sequential=False`` collects every
 layer's statistics in one pass with the dense weights.
 
 Limits: a layer slice must come from ``scan`` (a stacked leaf indexed in a
-Python loop or a ``fori_loop`` gives a clear error); a leaf used in several
+Python loop or a ``fori_loop``, or vmapped together with its inputs, gives a
+clear error; weights vmapped over one shared input are contracted with the
+layer axis as an output, which solves every layer against the same Hessian,
+as per-layer solves would); a leaf used in several
 places gets, in sequential mode, the statistics of its uses before the next
 layer's first use; ops the tracking does not follow (``pallas_call``,
 ``shard_map``) hide the leaf, which is then reported as never contracted.
@@ -164,8 +167,11 @@ def _closed_parts(closed: Any) -> tuple[Any, list[Any]]:
 class _Interpreter(_trace._Walker):
     """Evaluates a jaxpr concretely while following the tracked params leaves."""
 
-    def __init__(self, leaf_shapes, on_contract: Callable[..., None], segments: dict):
+    def __init__(self, leaf_shapes, paths, on_contract: Callable[..., None], segments: dict):
         super().__init__(leaf_shapes)
+        self.paths = paths
+        # Called as on_contract(track, contracted dims, inputs(), operand): ``inputs``
+        # makes the (tokens, *contracted dims) array only when it is needed.
         self.on_contract = on_contract
         # Jitted runs of equations by (id(jaxpr), first, last), shared by the passes
         # of one call; the jaxpr is kept with its entry so that its id stays its own.
@@ -335,6 +341,10 @@ class _Interpreter(_trace._Walker):
 
     # --- contractions ------------------------------------------------------------
 
+    def fail(self, track: _trace._Track, message: str):
+        raise ValueError(f"oneshot_prune: {self.paths[track.leaf]} (shape "
+                         f"{self.leaf_shapes[track.leaf]}) {message}")
+
     def contraction(self, eqn, args, values):
         if eqn.primitive.name == "dot_general":
             (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
@@ -342,35 +352,41 @@ class _Interpreter(_trace._Walker):
             for side, contracting, batch, other_contracting in sides:
                 for track in values[side].tracks:
                     if any(_trace._real([a for a in track.dims[d] if a.size > 1]) for d in batch):
-                        raise _Unsupported(
-                            "is a batch dim of a dot_general (layers stacked by vmap); one-shot "
-                            "pruning follows layer slices through scan only")
+                        self.fail(track, "is a batch dim of a dot_general (layers stacked by "
+                                  "vmap); one-shot pruning follows layer slices through scan only")
                     other = args[1 - side]
-                    keep = [d for d in range(other.ndim) if d not in other_contracting]
-                    x = jnp.transpose(other, keep + list(other_contracting))
-                    x = x.reshape((-1,) + tuple(other.shape[d] for d in other_contracting))
-                    self.on_contract(track, [track.dims[d] for d in contracting], x, other)
+
+                    def inputs(other=other, other_contracting=other_contracting):
+                        keep = [d for d in range(other.ndim) if d not in other_contracting]
+                        x = jnp.transpose(other, keep + list(other_contracting))
+                        return x.reshape((-1,) + tuple(other.shape[d] for d in other_contracting))
+
+                    self.on_contract(track, [track.dims[d] for d in contracting], inputs, other)
             return
         lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
-        if values[0].tracks:
-            raise _Unsupported("is convolved as the image of a conv_general_dilated")
-        if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
-            raise _Unsupported("is the kernel of a grouped convolution (not supported yet)")
+        for track in values[0].tracks:
+            self.fail(track, "is convolved as the image of a conv_general_dilated")
+        for track in values[1].tracks:
+            if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
+                self.fail(track, "is the kernel of a grouped convolution (not supported yet)")
         lhs, rhs = args
         spatial = [rhs.shape[d] for d in rhs_spec[2:]]
-        patches = jax.lax.conv_general_dilated_patches(
-            lhs, spatial, eqn.params["window_strides"], eqn.params["padding"],
-            lhs_dilation=eqn.params["lhs_dilation"], rhs_dilation=eqn.params["rhs_dilation"],
-            dimension_numbers=eqn.params["dimension_numbers"], precision=_HIGHEST,
-        )
-        features = out_spec[1]
-        keep = [d for d in range(patches.ndim) if d != features]
-        x = jnp.transpose(patches, keep + [features])
-        # The patches' features run (in, *spatial), the kernel's dims in rhs_spec order.
-        x = x.reshape((-1, rhs.shape[rhs_spec[1]], *spatial))
+
+        def inputs():
+            patches = jax.lax.conv_general_dilated_patches(
+                lhs, spatial, eqn.params["window_strides"], eqn.params["padding"],
+                lhs_dilation=eqn.params["lhs_dilation"], rhs_dilation=eqn.params["rhs_dilation"],
+                dimension_numbers=eqn.params["dimension_numbers"], precision=_HIGHEST,
+            )
+            features = out_spec[1]
+            keep = [d for d in range(patches.ndim) if d != features]
+            x = jnp.transpose(patches, keep + [features])
+            # The patches' features run (in, *spatial), the kernel's dims in rhs_spec order.
+            return x.reshape((-1, rhs.shape[rhs_spec[1]], *spatial))
+
         for track in values[1].tracks:
             dims = [track.dims[rhs_spec[1]]] + [track.dims[d] for d in rhs_spec[2:]]
-            self.on_contract(track, dims, x, lhs)
+            self.on_contract(track, dims, inputs, lhs)
 
 
 class _LeafInfo(NamedTuple):
@@ -594,7 +610,7 @@ def _oneshot_prune(fn, params, batches, *, method, n, m, rules, sequential, bloc
     def run(batch, accept: Callable[[tuple, Any], bool]):
         closed, batch_leaves = traced(batch)
 
-        def on_contract(track, dims, x, source):
+        def on_contract(track, dims, inputs, source):
             if track.leaf not in infos:
                 return
             info = infos[track.leaf]
@@ -602,7 +618,7 @@ def _oneshot_prune(fn, params, batches, *, method, n, m, rules, sequential, bloc
                 unit = (track.leaf, _layer_index(interp, info, track))
                 if not accept(unit, source):
                     return
-                x2d, order = _tokens_by_features(info, dims, x)
+                x2d, order = _tokens_by_features(info, dims, inputs())
             except _Unsupported as e:
                 raise ValueError(f"oneshot_prune: {info.path} (shape {info.shape}) {e}") from None
             if orders.setdefault(track.leaf, order) != order:
@@ -613,7 +629,7 @@ def _oneshot_prune(fn, params, batches, *, method, n, m, rules, sequential, bloc
                 stats[unit] = _oneshot.CalibrationStats.zeros(x2d.shape[1])
             stats[unit] = stats[unit].update(x2d)
 
-        interp = _Interpreter(shapes, on_contract, segments)
+        interp = _Interpreter(shapes, paths, on_contract, segments)
         values = []
         for i, shape in enumerate(shapes):
             if i in infos:

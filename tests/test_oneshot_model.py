@@ -431,3 +431,13 @@ def test_layers_inside_jit_remat_cond_and_while():
     expect = hidden_hessian(batches, result.params["l1"]["kernel"], params["l1"]["bias"])
     assert int(rows["l2/kernel"].stats.count) == 3 * 80
     np.testing.assert_allclose(rows["l2/kernel"].stats.xtx, 3 * expect, rtol=1e-4, atol=1e-3)
+
+
+def test_vmapped_stacked_layers_are_named_in_the_error():
+    stacked = {"w": jax.random.normal(jax.random.key(0), (2, 32, 32))}
+
+    def fn(p, xs):  # layer i applied to xs[i]: the layer axis is a dot_general batch dim
+        return jax.vmap(lambda w, x: x @ w)(p["w"], xs)
+
+    with pytest.raises(ValueError, match=r"oneshot_prune: w \(shape \(2, 32, 32\)\).*vmap"):
+        sparse_jax.oneshot_prune(fn, stacked, calibration((2, 8, 32), count=1), progress=False)
