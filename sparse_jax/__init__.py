@@ -21,6 +21,7 @@ from sparse_jax._oneshot import (
     update_calibration_stats,
     wanda,
 )
+from sparse_jax._oneshot_model import OneShotResult, OneShotRow, oneshot_prune
 
 # --- SR-STE (sparse from scratch) and transposable masks (issue 21) ---
 from sparse_jax._srste import (

@@ -152,13 +152,14 @@ class _Atom:
     ``axis`` is the leaf axis (None for a dim a broadcast made); ``inner`` the
     stride of this piece within the axis (a reshape that splits an axis makes
     pieces); ``partial`` marks a dim that holds a sub-range of the axis or a
-    concatenation with other data.
+    concatenation with other data; ``flipped`` one that ``rev`` reversed.
     """
 
     axis: int | None
     size: int
     inner: int = 1
     partial: bool = False
+    flipped: bool = False  # a ``rev`` reversed this piece (the order matters to statistics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,8 +370,8 @@ class _Walker:
                         need //= atom.size
                     elif atom.size % need == 0 and not atom.partial:
                         rest = atom.size // need
-                        dim.append(_Atom(atom.axis, need, atom.inner * rest))
-                        queue.insert(0, _Atom(atom.axis, rest, atom.inner))
+                        dim.append(_Atom(atom.axis, need, atom.inner * rest, flipped=atom.flipped))
+                        queue.insert(0, _Atom(atom.axis, rest, atom.inner, flipped=atom.flipped))
                         need = 1
                     else:
                         raise _Lost(f"dims of {in_shape} do not regroup into {out_shape}")
@@ -400,7 +401,19 @@ class _Walker:
         return [self.map_tracks(ins[0], "broadcast_in_dim", broadcast)]
 
     def op_rev(self, eqn, ins, tainted):
-        return [ins[0]]  # groups of m along a reversed axis are still groups (m divides it)
+        # Groups of m along a reversed axis are still groups (m divides it); the
+        # flip is recorded for the calibration statistics, whose order it changes.
+        reversed_dims = set(eqn.params["dimensions"])
+
+        def rev(track: _Track) -> _Track:
+            dims = tuple(
+                tuple(dataclasses.replace(a, flipped=not a.flipped) for a in atoms)
+                if d in reversed_dims else atoms
+                for d, atoms in enumerate(track.dims)
+            )
+            return dataclasses.replace(track, dims=dims)
+
+        return [self.map_tracks(ins[0], "rev", rev)]
 
     def sliced_dim(self, track: _Track, d: int, new_size: int, full: int, strided: bool):
         """(new atoms for dim d, leaf axes indexed away) after keeping ``new_size`` of ``full``."""

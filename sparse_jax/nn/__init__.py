@@ -10,6 +10,8 @@
   runs both ``x @ W`` and ``dY @ W.T`` on compressed weights.
 * `rules_from_model`: selection rules (reduction and stacked axes) read from
   a model's computation (`sparse_jax.rules_from_computation` for NNX).
+* `oneshot_prune_model`: `sparse_jax.oneshot_prune` (SparseGPT, Wanda,
+  magnitude from calibration batches) for an NNX model.
 """
 
 from sparse_jax.nn._base import SparseKernelLayer, SparseMeta
@@ -20,6 +22,7 @@ from sparse_jax.nn._layers import (
     SparseLinearGeneral,
     einsum_reduction_axis,
 )
+from sparse_jax.nn._oneshot import oneshot_prune_model
 from sparse_jax.nn._rules import rules_from_model
 from sparse_jax.nn._sparse_linear import SparseLinear
 from sparse_jax.nn._transposable_linear import TransposableSparseLinear, TransposedLayout
@@ -38,6 +41,7 @@ __all__ = [
     "TransposedLayout",
     "densify",
     "einsum_reduction_axis",
+    "oneshot_prune_model",
     "rules_from_model",
     "sparsify",
 ]
