@@ -22,6 +22,15 @@ from sparse_jax._oneshot import (
     wanda,
 )
 
+# --- channel permutations for N:M masks, batch-norm recalibration (issue 22) ---
+from sparse_jax._coupling import ChannelCoupling, ChannelGroup, channel_groups
+from sparse_jax._permute import (
+    GroupSearch,
+    PermutationSearch,
+    apply_permutations,
+    search_permutations,
+)
+
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
 from sparse_jax._matmul import matmul
