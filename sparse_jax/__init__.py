@@ -30,6 +30,7 @@ from sparse_jax._permute import (
     apply_permutations,
     search_permutations,
 )
+from sparse_jax._recalibrate import recalibrate_batch_norm, recalibrate_batch_stats
 
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
