@@ -69,7 +69,7 @@ class ChannelGroup:
     """Variable axes that must be permuted together.
 
     Attributes:
-      size: the channel count.
+      size: the channel count (per group, for the channels of a grouped convolution).
       members: ``(path, axis)`` per tied variable axis, in leaf order.
       reason: why the group may not be permuted, or None when it may.
     """
@@ -78,6 +78,15 @@ class ChannelGroup:
     members: tuple[tuple[str, int], ...]
     reason: str | None = None
     leaves: tuple[int, ...] = ()  # leaf index of each member (jax.tree.leaves order)
+    # per member, how many copies of the group's channels its axis holds: > 1 for the channels
+    # of a grouped convolution's groups (each group permuted the same way)
+    copies: tuple[int, ...] = ()
+
+    def axis_order(self, member: int, order: Any) -> np.ndarray:
+        """The order of member ``member``'s axis for the group order ``order``."""
+        order = np.asarray(order)
+        copies = self.copies[member] if self.copies else 1
+        return (np.arange(copies)[:, None] * self.size + order[None, :]).reshape(-1)
 
     @property
     def permutable(self) -> bool:
@@ -99,7 +108,9 @@ class ChannelCoupling:
         lines = [f"{len(self.groups)} channel groups, {len(self.permutable)} permutable"]
         for i, group in enumerate(self.groups):
             state = "permutable" if group.permutable else f"left alone: {group.reason}"
-            members = ", ".join(f"{p}[{a}]" for p, a in group.members)
+            copies = group.copies or (1,) * len(group.members)
+            members = ", ".join(f"{p}[{a}]" + (f" ({c} groups)" if c > 1 else "")
+                                for (p, a), c in zip(group.members, copies))
             lines.append(f"  {i}: {group.size} channels, {state}: {members}")
         return "\n".join(lines)
 
@@ -111,6 +122,9 @@ class _Dims:
         self.parent: list[int] = []
         self.size: list[int] = []
         self.reasons: dict[int, set[str]] = {}
+        # root -> (node, count): the root's channels are `count` copies of node's, permuted
+        # the same way in every copy (the channels of a grouped convolution's groups).
+        self.tiles: dict[int, tuple[int, int]] = {}
 
     def new(self, size: int, reason: str | None = None) -> int:
         node = len(self.parent)
@@ -138,6 +152,32 @@ class _Dims:
         self.parent[rb] = ra
         if rb in self.reasons:
             self.reasons.setdefault(ra, set()).update(self.reasons.pop(rb))
+        if rb in self.tiles:
+            self.tile(ra, *self.tiles.pop(rb))
+
+    def tile(self, node: int, inner: int, count: int) -> None:
+        """Ties ``node``'s channels to ``count`` copies of ``inner``'s."""
+        root = self.find(node)
+        if root in self.tiles:
+            old_inner, old_count = self.tiles[root]
+            if old_count == count:
+                self.union(old_inner, inner)
+            else:
+                reason = f"grouped convolutions with {old_count} and {count} groups meet"
+                self.fix(root, reason)
+                self.fix(inner, reason)
+        else:
+            self.tiles[root] = (inner, count)
+
+    def resolve(self, node: int) -> tuple[int, int]:
+        """The root a node's channels are finally made of, and how many copies of it."""
+        root, copies = self.find(node), 1
+        for _ in range(64):  # sizes shrink along a chain; the bound only guards bad input
+            if root not in self.tiles:
+                break
+            inner, count = self.tiles[root]
+            root, copies = self.find(inner), copies * count
+        return root, copies
 
     def fix(self, node: int, reason: str) -> None:
         self.reasons.setdefault(self.find(node), set()).add(reason)
@@ -389,9 +429,15 @@ class _Walker:
         elif rin_c == 1 and rout_c == lhs_c:  # depthwise: output channel c reads input c
             self.d.union(lf, rout)
             out[of] = rout
+        elif rin_c > 1 and rout_c % groups == 0:
+            # Within a group, and the same way in every group: the input channels as `groups`
+            # copies of the kernel's input axis, the outputs as copies of a per-group axis.
+            self.d.tile(lf, rin, groups)
+            self.d.tile(rout, self.d.new(rout_c // groups), groups)
+            out[of] = rout
         else:
-            reason = (f"a grouped convolution ({groups} groups of {rin_c} input channels): "
-                      "a permutation could only move channels within a group")
+            reason = (f"a grouped convolution ({groups} groups of {rin_c} input channel"
+                      f"{'s' if rin_c > 1 else ''} and {rout_c} outputs)")
             for node in (lf, rin, rout):
                 self.d.fix(node, reason)
             out[of] = rout
@@ -468,19 +514,29 @@ def channel_groups(fn: Callable[..., Any], variables: Any, *args: Any, **kwargs:
         for node in out:
             dims.fix(node, "an output of fn")
 
-    by_root: dict[int, list[tuple[int, int]]] = {}
+    by_root: dict[int, list[tuple[int, int, int]]] = {}
     for i, nodes in enumerate(leaf_dims):
         for axis, node in enumerate(nodes):
-            if dims.size[node] > 1 and _is_float(leaves[i]):
-                by_root.setdefault(dims.find(node), []).append((i, axis))
+            root, copies = dims.resolve(node)
+            if dims.size[root] > 1 and _is_float(leaves[i]):
+                by_root.setdefault(root, []).append((i, axis, copies))
+    reasons: dict[int, set[str]] = {}
+    for root in set(dims.tiles) | set(dims.reasons):  # a tiled root's reasons fix its inner root
+        final = dims.resolve(root)[0]
+        reasons.setdefault(final, set()).update(dims.reasons.get(dims.find(root), ()))
+        chain = dims.find(root)
+        while chain in dims.tiles and chain != final:
+            reasons[final].update(dims.reasons.get(chain, ()))
+            chain = dims.find(dims.tiles[chain][0])
     groups = []
     for root, members in by_root.items():
-        reasons = dims.reasons.get(root)
+        why = reasons.get(root)
         groups.append(ChannelGroup(
             size=dims.size[root],
-            members=tuple((paths[i], a) for i, a in members),
-            reason="; ".join(sorted(reasons)) if reasons else None,
-            leaves=tuple(i for i, _ in members),
+            members=tuple((paths[i], a) for i, a, _ in members),
+            reason="; ".join(sorted(why)) if why else None,
+            leaves=tuple(i for i, _, _ in members),
+            copies=tuple(c for _, _, c in members),
         ))
     groups.sort(key=lambda g: (not g.permutable, min(zip(g.leaves, (a for _, a in g.members)))))
     return ChannelCoupling(tuple(groups), paths)

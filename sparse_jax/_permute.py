@@ -193,11 +193,13 @@ def search_permutations(
             skipped.append((g, f"{group.size} channels, not a multiple of m={m}"))
             continue
         columns, consumers = [], []
-        for leaf_index, (path, axis) in zip(group.leaves, group.members):
+        for k, (leaf_index, (path, axis)) in enumerate(zip(group.leaves, group.members)):
             if plans[leaf_index].axis is None or plans[leaf_index].axis != axis:
                 continue
             w = np.abs(np.asarray(leaves[leaf_index], dtype=np.float32))
-            columns.append(np.moveaxis(w, axis, 0).reshape(group.size, -1))
+            copies = group.copies[k] if group.copies else 1
+            w = np.moveaxis(w, axis, 0).reshape(copies, group.size, -1)  # a copy per conv group
+            columns.append(np.moveaxis(w, 1, 0).reshape(group.size, -1))
             consumers.append(path)
         if not columns:
             skipped.append((g, "no member is pruned along this axis"))
@@ -237,12 +239,13 @@ def apply_permutations(variables: Any, coupling: ChannelCoupling,
         order = np.asarray(order)
         if sorted(order.tolist()) != list(range(group.size)):
             raise ValueError(f"perms[{g}] is not a permutation of {group.size} channels")
-        for leaf_index, (path, axis) in zip(group.leaves, group.members):
+        for k, (leaf_index, (path, axis)) in enumerate(zip(group.leaves, group.members)):
             leaf = leaves[leaf_index]
-            if leaf.shape[axis] != group.size:
-                raise ValueError(f"{path}: shape {tuple(leaf.shape)}, expected {group.size} "
+            axis_order = group.axis_order(k, order)
+            if leaf.shape[axis] != len(axis_order):
+                raise ValueError(f"{path}: shape {tuple(leaf.shape)}, expected {len(axis_order)} "
                                  f"channels along axis {axis}")
-            leaves[leaf_index] = jax.numpy.take(leaf, order, axis=axis)
+            leaves[leaf_index] = jax.numpy.take(leaf, axis_order, axis=axis)
     return jax.tree.unflatten(tree, leaves)
 
 

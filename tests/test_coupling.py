@@ -64,18 +64,37 @@ def test_resnet_block_with_downsample():
                          ids=["lax", "recipes_grouped_conv"])
 def test_resnext_grouped_block(conv_fn):
     coupling = coupling_of(ResNetBlock(nnx.Rngs(0), groups=2, conv_fn=conv_fn))
-    # the grouped conv's both sides are left alone; stem and residual stay permutable
     assert permutable_sets(coupling) == {
         frozenset(STEM | {("conv1/kernel", 2), ("down_conv/kernel", 2)}),
+        # into and out of the 2-group conv: 4 channels per group, permuted alike in both groups
+        frozenset(bn_members("bn1") | {("conv1/kernel", 3), ("conv2/kernel", 2)}),
+        frozenset(bn_members("bn2") | {("conv2/kernel", 3), ("conv3/kernel", 2)}),
         frozenset(bn_members("bn3") | bn_members("down_bn") | {
             ("conv3/kernel", 3), ("down_conv/kernel", 3), ("fc/kernel", 0)}),
     }
     into = group_of(coupling, ("conv1/kernel", 3))
     out_of = group_of(coupling, ("conv2/kernel", 3))
-    assert set(into.members) == bn_members("bn1") | {("conv1/kernel", 3)}
-    assert set(out_of.members) == bn_members("bn2") | {("conv2/kernel", 3), ("conv3/kernel", 2)}
-    for group in (into, out_of):
-        assert "grouped convolution (2 groups" in group.reason
+    assert into.size == out_of.size == 4
+    assert dict(zip(into.members, into.copies)) == {
+        **{m: 2 for m in bn_members("bn1")}, ("conv1/kernel", 3): 2, ("conv2/kernel", 2): 1}
+    assert set(out_of.copies) == {2}
+    # a channel's position within its group moves, the same way in every group
+    assert into.axis_order(0, [2, 0, 3, 1]).tolist() == [2, 0, 3, 1, 6, 4, 7, 5]
+
+
+def test_depthwise_with_a_channel_multiplier_is_left_alone():
+    p = {"a": jnp.ones((3, 4)), "dw": jnp.ones((3, 3, 1, 8)), "b": jnp.ones((8, 2))}
+
+    def fn(p, x):
+        h = x @ p["a"]
+        h = jax.lax.conv_general_dilated(h, p["dw"], (1, 1), "SAME", feature_group_count=4,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return h @ p["b"]
+
+    coupling = sparse_jax.channel_groups(fn, p, jnp.ones((1, 5, 5, 3)))
+    assert coupling.permutable == ()
+    assert "grouped convolution (4 groups of 1 input channel and 8 outputs)" in group_of(
+        coupling, ("a", 1)).reason
 
 
 @pytest.mark.parametrize("conv_fn", [None, grouped_conv.conv_general_dilated],

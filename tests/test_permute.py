@@ -46,8 +46,9 @@ def test_random_permutations_keep_the_function(name):
     assert len(changed) > 10
 
 
-def test_search_keeps_the_function_and_matches_prune():
-    graphdef, state = randomized(ResNetBlock(nnx.Rngs(0)), seed=4)
+@pytest.mark.parametrize("name", ["resnet", "resnext"])
+def test_search_keeps_the_function_and_matches_prune(name):
+    graphdef, state = randomized(MODELS[name](), seed=4)
     fn = eval_fn(graphdef)
     x = jnp.asarray(np.random.default_rng(5).standard_normal(IMAGE), jnp.float32)
     coupling = sparse_jax.channel_groups(fn, state, x)
