@@ -1,6 +1,7 @@
 """Channel permutation search (issue 22) on ResNet-50's full-size tree, on the CPU.
 
-Builds the recipes' NNX ResNet-50 (torchvision layout, 1000 classes) abstractly with
+Builds the recipes' NNX ResNet-50 (torchvision layout, 1000 classes; or ``--model``
+resnext50_32x4d / xception) abstractly with
 ``nnx.eval_shape``, fills it with random values (kernels ~ N(0, 1); batch-norm statistics
 random too, so that the function check is not trivial), then times
 
@@ -12,7 +13,7 @@ and prints the kept 2:4 magnitude of the consumers before and after, and the lar
 difference of the logits of the permuted and the original model on a small batch
 (``--check``, needs one forward pass at 224x224).
 
-Usage: python benchmarks/permutation.py [--time-limit 1.0] [--check]
+Usage: python benchmarks/permutation.py [--model resnet50] [--time-limit 1.0] [--check]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sparse_jax  # noqa: E402
-from recipes.common import models  # noqa: E402
+from recipes.common import models, xception  # noqa: E402
 
 
 def random_state(abstract_state, seed: int):
@@ -47,26 +48,35 @@ def random_state(abstract_state, seed: int):
     return jax.tree.unflatten(tree, filled)
 
 
+MODELS = {
+    "resnet50": lambda: models.ResNet50(num_classes=1000, rngs=nnx.Rngs(0)),
+    "resnext50_32x4d": lambda: models.ResNeXt50_32x4d(num_classes=1000, rngs=nnx.Rngs(0)),
+    "xception": lambda: xception.Xception(num_classes=1000, rngs=nnx.Rngs(0)),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time-limit", type=float, default=1.0, help="seconds per group at most")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--check", action="store_true", help="compare the logits (one forward)")
+    parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
     args = parser.parse_args()
 
-    abstract = nnx.eval_shape(lambda: models.ResNet50(num_classes=1000, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(MODELS[args.model])
     graphdef, abstract_state = nnx.split(abstract)
     state = random_state(abstract_state, 0)
     leaves = jax.tree.leaves(state)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"tree: ResNet-50 (recipes/common/models.py), {len(leaves)} leaves, "
+    print(f"tree: {args.model} (recipes/common), 1000 classes, {len(leaves)} leaves, "
           f"{sum(x.size for x in leaves):,} values (params and batch statistics)")
 
     def forward(s, x):
         return nnx.merge(graphdef, s)(x, train=False)
 
-    example = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    size = 299 if args.model == "xception" else 224
+    example = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     start = time.perf_counter()
     coupling = sparse_jax.channel_groups(forward, state, example)
     coupling_s = time.perf_counter() - start
@@ -97,7 +107,7 @@ def main() -> None:
         print(f"  {g.size:5d}  {len(g.consumers):2d}  {g.rounds:4d}  {g.seconds:5.2f}  "
               f"{g.kept_after / g.kept_before - 1:+.2%}  {g.consumers[0]}")
     if args.check:
-        x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 224, 224, 3)), jnp.float32)
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
         a, b = forward(state, x), forward(permuted, x)
         print(f"max |logits(permuted) - logits(original)|: {float(jnp.max(jnp.abs(a - b))):.3g} "
               f"(max |logits| {float(jnp.max(jnp.abs(a))):.3g})")
