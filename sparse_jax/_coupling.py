@@ -477,8 +477,11 @@ def channel_groups(fn: Callable[..., Any], variables: Any, *args: Any, **kwargs:
       >>> p = {"w1": jnp.ones((8, 16)), "b1": jnp.ones(16), "w2": jnp.ones((16, 4))}
       >>> fn = lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
       >>> coupling = sparse_jax.channel_groups(fn, p, jnp.ones((2, 8)))
-      >>> [(g.size, g.members, g.permutable) for g in coupling.groups]
-      [(16, (('b1', 0), ('w1', 1), ('w2', 0)), True), (8, (('w1', 0),), False), (4, (('w2', 1),), False)]
+      >>> for g in coupling.groups:
+      ...     print(g.size, g.members, g.permutable)
+      16 (('b1', 0), ('w1', 1), ('w2', 0)) True
+      8 (('w1', 0),) False
+      4 (('w2', 1),) False
     """
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(variables)[0]
     paths = tuple(_paths.path_to_str(path) for path, _ in leaves_with_paths)

@@ -216,6 +216,17 @@ def search_permutations(
     return PermutationSearch(perms, tuple(done), tuple(skipped))
 
 
+def _take(leaf: Any, order: np.ndarray, axis: int) -> Any:
+    """``take`` along ``axis``, on the host for concrete arrays (an eager ``jnp.take`` compiles
+    once per shape: seconds for a whole model), placed back where the leaf was."""
+    if isinstance(leaf, jax.core.Tracer):
+        return jax.numpy.take(leaf, order, axis=axis)
+    taken = np.take(np.asarray(leaf), order, axis=axis)
+    if isinstance(leaf, jax.Array):
+        return jax.device_put(taken, leaf.sharding)
+    return taken
+
+
 def apply_permutations(variables: Any, coupling: ChannelCoupling,
                        perms: PermutationSearch | dict[int, Sequence[int]]) -> Any:
     """``variables`` with every member axis of group ``g`` reordered by ``perms[g]``.
@@ -245,7 +256,7 @@ def apply_permutations(variables: Any, coupling: ChannelCoupling,
             if leaf.shape[axis] != len(axis_order):
                 raise ValueError(f"{path}: shape {tuple(leaf.shape)}, expected {len(axis_order)} "
                                  f"channels along axis {axis}")
-            leaves[leaf_index] = jax.numpy.take(leaf, axis_order, axis=axis)
+            leaves[leaf_index] = _take(leaf, axis_order, axis)
     return jax.tree.unflatten(tree, leaves)
 
 

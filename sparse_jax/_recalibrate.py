@@ -67,8 +67,8 @@ def recalibrate_batch_norm(model: Any, batches: Iterable[Any],
       >>> bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
       >>> batches = [jnp.arange(12.0).reshape(4, 3), 10 + jnp.arange(6.0).reshape(2, 3)]
       >>> bn = sparse_jax.recalibrate_batch_norm(bn, batches)
-      >>> all_rows = np.concatenate([np.asarray(b) for b in batches])
-      >>> bool(np.allclose(bn.mean[...], all_rows.mean(0)) and np.allclose(bn.var[...], all_rows.var(0)))
+      >>> rows = np.concatenate([np.asarray(b) for b in batches])
+      >>> bool(np.allclose(bn.mean[...], rows.mean(0)) and np.allclose(bn.var[...], rows.var(0)))
       True
     """
     from flax import nnx

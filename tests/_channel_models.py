@@ -30,7 +30,7 @@ class Stem(nnx.Module):
 
 
 class ResNetBlock(nnx.Module):
-    """stem -> bottleneck (1x1, 3x3 strided (grouped for ResNeXt), 1x1) + downsample -> mean -> fc."""
+    """stem -> bottleneck (1x1, strided 3x3 (grouped: ResNeXt), 1x1) + downsample -> mean -> fc."""
 
     def __init__(self, rngs, groups=1, conv_fn=None):
         self.stem = Stem(8, rngs)
