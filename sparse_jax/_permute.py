@@ -219,9 +219,11 @@ def search_permutations(
 def _take(leaf: Any, order: np.ndarray, axis: int) -> Any:
     """``take`` along ``axis``, on the host for concrete arrays (an eager ``jnp.take`` compiles
     once per shape: seconds for a whole model), placed back where the leaf was."""
-    if isinstance(leaf, jax.core.Tracer):
+    try:
+        host = np.asarray(leaf)
+    except TypeError:  # a tracer (under jit): TracerArrayConversionError
         return jax.numpy.take(leaf, order, axis=axis)
-    taken = np.take(np.asarray(leaf), order, axis=axis)
+    taken = np.take(host, order, axis=axis)
     if isinstance(leaf, jax.Array):
         return jax.device_put(taken, leaf.sharding)
     return taken
