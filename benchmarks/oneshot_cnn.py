@@ -17,7 +17,8 @@ This uses the recipe's training internals as they were before the recipes redesi
 asks for ``--permute`` / ``--recalibrate-bn`` in the recipes' prune step; until then this script
 measures the same thing).
 
-Usage: python benchmarks/oneshot_cnn.py [--model resnet50] [--workdir /tmp/oneshot_rn50]
+Usage: python benchmarks/oneshot_cnn.py [--model resnet50|resnext101_32x8d|xception]
+           [--workdir /tmp/oneshot_rn50]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sparse_jax  # noqa: E402
-from recipes.common import configs, input_pipeline, metrics, train  # noqa: E402
+from recipes.common import input_pipeline, metrics, model_configs, train  # noqa: E402
 
 
 def main() -> None:
@@ -46,10 +47,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/oneshot_cnn")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--time-limit", type=float, default=1.0, help="search seconds per group")
+    parser.add_argument("--patience", type=int, default=8, help="search rounds without a gain")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    config = dataclasses.replace(configs.builtin_config(), model=args.model, control=False)
+    config = model_configs.base_config(args.model, imagenet=False)  # the built-in default
+    config = dataclasses.replace(config, model=args.model, control=False)
     os.makedirs(args.workdir, exist_ok=True)
     train.prepare_workdir(args.workdir, resume=True, overwrite=False)
     mesh = train.create_mesh(1)
@@ -90,7 +93,8 @@ def main() -> None:
     started = time.perf_counter()
     coupling = sparse_jax.channel_groups(forward, variables, example)
     search = sparse_jax.search_permutations(variables, coupling, config.sparsity_n,
-                                            config.sparsity_m, time_limit=args.time_limit)
+                                            config.sparsity_m, time_limit=args.time_limit,
+                                            patience=args.patience)
     permuted = sparse_jax.apply_permutations(variables, coupling, search)
     permute_seconds = time.perf_counter() - started
     print(f"permutation: {len(coupling.permutable)} of {len(coupling.groups)} groups permutable; "
