@@ -11,7 +11,9 @@ then prunes it four ways and evaluates each on the held-out split:
     statistics), then the same prune;
   * + BN recalibration: `sparse_jax.recalibrate_batch_norm` of the pruned model over
     ``--calibration-images`` training images (training-mode forward, augmented as in training);
-  * both.
+  * both;
+
+and with ``--retrain``, runs the recipe's masked retraining phase from the last one.
 
 This uses the recipe's training internals as they were before the recipes redesign (issue 22
 asks for ``--permute`` / ``--recalibrate-bn`` in the recipes' prune step; until then this script
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--time-limit", type=float, default=1.0, help="search seconds per group")
     parser.add_argument("--patience", type=int, default=8, help="search rounds without a gain")
+    parser.add_argument("--retrain", action="store_true",
+                        help="then the recipe's masked retraining, from permute + recalibrate_bn")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -121,17 +125,27 @@ def main() -> None:
 
     magnitude = prune(params)
     permuted_pruned = prune(permuted["params"])
+    both_stats = recalibrated(permuted_pruned, permuted["batch_stats"])
     results["one_shot"] = {
         "magnitude": top1(magnitude, batch_stats),
         "permute": top1(permuted_pruned, permuted["batch_stats"]),
         "recalibrate_bn": top1(magnitude, recalibrated(magnitude, batch_stats)),
-        "permute+recalibrate_bn": top1(permuted_pruned,
-                                       recalibrated(permuted_pruned, permuted["batch_stats"])),
+        "permute+recalibrate_bn": top1(permuted_pruned, both_stats),
     }
     results["kept_magnitude"] = {"before": search.kept_before, "after": search.kept_after}
     results["calibration_images"] = len(calibration) * config.batch_size
     for name, value in results["one_shot"].items():
         print(f"one-shot 2:4 top-1, {name}: {100 * value:.2f}%", flush=True)
+    if args.retrain:  # the recipe's retraining phase, from the permuted, recalibrated model
+        pruned, masks = sparse_jax.prune(permuted["params"], config.sparsity_n, config.sparsity_m)
+        sparse_tx = sparse_jax.masked(train.create_optimizer(config, steps), masks)
+        state = {"params": pruned, "batch_stats": both_stats,
+                 "opt_state": sparse_tx.init(pruned), "masks": masks}
+        _, progress = train.run_phase(wf, "retrain", state, sparse_tx, steps, config.seed + 1,
+                                      resume=True)
+        results["sparse_permute+recalibrate_bn"] = progress["eval"]["top1"]
+        print(f"retrained 2:4 top-1, permute+recalibrate_bn: "
+              f"{100 * results['sparse_permute+recalibrate_bn']:.2f}%", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
