@@ -371,6 +371,16 @@ class _Walker:
                     self.d.union(ins[0][i], dims[i])
         return [out]
 
+    def op_split(self, eqn, ins):
+        axis = eqn.params["axis"] % len(ins[0])
+        self.d.fix(ins[0][axis], "split along it")
+        outs = []
+        for var in eqn.outvars:
+            out = list(ins[0])
+            out[axis] = self.d.new(_shape(var)[axis], "split along it")
+            outs.append(out)
+        return outs
+
     def op_reduce_window(self, eqn, ins):
         p = eqn.params
         n_operands = len(eqn.outvars)

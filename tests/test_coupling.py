@@ -146,3 +146,15 @@ def test_an_unknown_op_fixes_its_dims():
 def test_non_array_leaf_is_an_error():
     with pytest.raises(TypeError, match="w: variables leaves must be arrays"):
         sparse_jax.channel_groups(lambda p, x: x, {"w": "nope"}, jnp.ones(2))
+
+
+def test_split_along_a_channel_is_left_alone_a_sum_over_it_is_not():
+    p = {"a": jnp.ones((4, 8)), "b": jnp.ones((4, 8))}
+
+    def fn(p, x):
+        halves = jnp.split(x @ p["a"], 2, axis=1)  # which channel lands in which half matters
+        return halves[0] * halves[1] + jnp.sum(x @ p["b"], axis=1, keepdims=True)
+
+    coupling = sparse_jax.channel_groups(fn, p, jnp.ones((2, 4)))
+    assert "split along it" in group_of(coupling, ("a", 1)).reason
+    assert permutable_sets(coupling) == {frozenset({("b", 1)})}
