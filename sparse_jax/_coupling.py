@@ -17,8 +17,12 @@ How dims are tied
 * ``conv_general_dilated``: the input's feature dim with the kernel's input
   feature dim, the kernel's output feature dim with the result's. A depthwise
   convolution (one input channel per group, as many outputs as inputs) ties
-  its input channels to its output channels. Other grouped convolutions fix
-  both sides (a permutation could only move channels within a group);
+  its input channels to its output channels. A grouped convolution (G groups
+  of several channels) lets channels move only within their group, and the
+  same way in every group: its input channels become G copies of the
+  kernel's input axis and its output channels G copies of a per-group axis
+  (`ChannelGroup.copies`; moving whole groups is not searched). A depthwise
+  convolution with a channel multiplier fixes both sides;
 * ``reshape`` (dims kept as they are, or size-1 dims added/removed),
   ``transpose``, ``squeeze``, ``broadcast_in_dim``, reductions (a sum or max
   over channels does not care about their order), ``reduce_window`` (pooling)
@@ -32,9 +36,11 @@ The dims of ``fn``'s non-variable inputs (the image channels) and of its
 outputs (the logits), constants, new dims an op creates (a broadcast, conv
 spatial dims, ``iota``), non-float variables, a reshape that merges or splits
 the dim (a flatten before a classifier), a partial slice or pad, a
-concatenation along it, ``argmax`` / ``cumsum`` / ``sort`` / ``rev`` along
-it, a grouped convolution, and every op this walk does not know (all of its
-dims). A fixed dim fixes every dim tied to it.
+concatenation or ``split`` along it, ``argmax`` / ``cumsum`` / ``rev`` along
+it, a depthwise convolution with a channel multiplier, and every op this walk
+does not know (``sort``, ``gather``, ``scan``, ``while``, ``cond``...: all of
+their dims). A fixed dim fixes every dim tied to it (and the channels a grouped
+convolution's groups are made of).
 
 Trace the inference computation (NNX: ``model(x, train=False)``): an output
 is fixed, so a training step that returns the updated batch statistics would
@@ -44,12 +50,10 @@ fix every channel.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax import _paths

@@ -21,6 +21,12 @@ recombination bounded in time (ASP's exhaustive search over all stripe pairs is
 quadratic in the stripes). The search starts from the identity and accepts only
 improvements, so a group's kept magnitude never goes down; a final check in
 float64 returns the identity for a group whose result would not be higher.
+The result depends only on ``seed`` unless ``time_limit`` cuts a group's search
+short (then on the machine's speed too).
+
+For the channels of a grouped convolution's groups (`ChannelGroup.copies` > 1),
+one order is searched for the per-group channels, scored over every group's
+copy, and applied to each copy.
 """
 
 from __future__ import annotations
