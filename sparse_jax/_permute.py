@@ -126,6 +126,8 @@ def _search_group(matrix: np.ndarray, n: int, m: int, rng: np.random.Generator,
         slots = order.reshape(stripes, m)[pairs].reshape(len(pairs), 2 * m)  # channel ids
         gained = 0.0
         for lo in range(0, len(pairs), chunk):
+            if lo and time.perf_counter() - start > time_limit:  # a big group: part of a round
+                break
             ids = slots[lo:lo + chunk]
             rows = matrix[ids]  # (P, 2m, R)
             score = _topn_sum(rows[:, first], n).sum(-1) + _topn_sum(rows[:, second], n).sum(-1)
