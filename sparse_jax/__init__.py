@@ -36,6 +36,16 @@ from sparse_jax._srste import (
 )
 from sparse_jax._transposable import is_transposable_nm, transposable_nm_mask
 
+# --- channel permutations for N:M masks, batch-norm recalibration (issue 22) ---
+from sparse_jax._coupling import ChannelCoupling, ChannelGroup, channel_groups
+from sparse_jax._permute import (
+    GroupSearch,
+    PermutationSearch,
+    apply_permutations,
+    search_permutations,
+)
+from sparse_jax._recalibrate import recalibrate_batch_norm, recalibrate_batch_stats
+
 # --- compressed format, matmul, kernels, nn layers (issue 3) ---
 from sparse_jax._compressed import Sparse24, compress, decompress, gather_kept
 from sparse_jax._matmul import matmul
