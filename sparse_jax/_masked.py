@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparse_jax import _packing, _paths, _prune, _selection
+from sparse_jax import _opt_state, _packing, _paths, _prune, _selection
 
 MaskSpec = Any  # a mask tree, a callable params -> mask tree, or None
 
@@ -121,14 +121,7 @@ def _tree_like(params: Any, leaves: list[Any]) -> Any:
 
 
 def _find_state(opt_state: Any) -> MaskedState:
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedState))
-        if isinstance(s, MaskedState)
-    ]
-    if not found:
-        raise ValueError("no sparse_jax.masked state found in opt_state")
-    return found[0]
+    return _opt_state.find_state(opt_state, MaskedState, "masked")
 
 
 def _follow_sharding(packed: jax.Array, param: Any) -> jax.Array:

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparse_jax import _packing, _patterns, _prune, _selection, _transposable
+from sparse_jax import _opt_state, _packing, _patterns, _prune, _selection, _transposable
 
 # A leaf's layout: None (not pruned), ("nm", axis) or ("transposable", (in, out)).
 MaskLayout = tuple[str, Any] | None
@@ -389,17 +389,7 @@ def srste(
 
 
 def _find_state(opt_state: Any) -> SrsteState:
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SrsteState))
-        if isinstance(s, SrsteState)
-    ]
-    if not found:
-        raise ValueError("no sparse_jax.srste state found in opt_state")
-    state = found[0]
-    # nnx.Optimizer keeps optimizer state leaves in variables: unwrap them.
-    is_variable = lambda x: hasattr(x, "get_value")  # noqa: E731
-    return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, state, is_leaf=is_variable)
+    return _opt_state.find_state(opt_state, SrsteState, "srste")
 
 
 def srste_masks(opt_state: Any, params: Any) -> Any:

@@ -21,6 +21,17 @@ def _metadata(variable: Any) -> dict:
     return dict(get_metadata()) if callable(get_metadata) else {}
 
 
+def carried_over(layer: Any) -> tuple[jax.Array | None, dict]:
+    """The bias and the keyword arguments a compressed layer takes over from its dense layer."""
+    bias = layer.bias[...] if layer.bias is not None else None
+    return bias, dict(
+        dtype=layer.dtype,
+        param_dtype=layer.param_dtype,
+        kernel_metadata=_metadata(layer.kernel),
+        bias_metadata=_metadata(layer.bias) if layer.bias is not None else None,
+    )
+
+
 def _new_variable(cls: type, value: jax.Array, metadata: dict) -> nnx.Variable:
     # from_metadata keeps the kernel's annotations (sharding names, ...) without
     # re-sharding eagerly, which would need a mesh.

@@ -32,6 +32,7 @@ from sparse_jax.nn._base import (
     SparseKernelLayer,
     _metadata,
     _new_variable,
+    carried_over,
     compress_layer_kernel,
     contract,
 )
@@ -127,18 +128,16 @@ class SparseLinearGeneral(SparseKernelLayer):
         kernel, stacked = compress_layer_kernel(
             layer.kernel[...], len(base), len(layer.in_features) - 1, prune=prune
         )
+        bias, carried = carried_over(layer)
         return cls(
             kernel,
-            layer.bias[...] if layer.bias is not None else None,
+            bias,
             in_features=layer.in_features,
             out_features=layer.out_features,
             axis=layer.axis,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
             impl=impl,
             stacked=stacked,
-            kernel_metadata=_metadata(layer.kernel),
-            bias_metadata=_metadata(layer.bias) if layer.bias is not None else None,
+            **carried,
         )
 
     def to_dense(self) -> nnx.LinearGeneral:
@@ -309,17 +308,8 @@ class SparseEinsum(SparseKernelLayer):
         kernel, stacked = compress_layer_kernel(
             layer.kernel[...], len(kernel_shape), axis, prune=prune
         )
-        return cls(
-            kernel,
-            layer.bias[...] if layer.bias is not None else None,
-            einsum_str=layer.einsum_str,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            impl=impl,
-            stacked=stacked,
-            kernel_metadata=_metadata(layer.kernel),
-            bias_metadata=_metadata(layer.bias) if layer.bias is not None else None,
-        )
+        bias, carried = carried_over(layer)
+        return cls(kernel, bias, einsum_str=layer.einsum_str, impl=impl, stacked=stacked, **carried)
 
     def to_dense(self) -> nnx.Einsum:
         """The equivalent ``nnx.Einsum`` with the decompressed kernel."""
@@ -480,9 +470,10 @@ class SparseConv(SparseKernelLayer):
             kernel = kernel * conv.mask
         rank = len(conv.kernel_size)
         compressed, stacked = compress_layer_kernel(kernel, rank + 2, rank, prune=prune)
+        bias, carried = carried_over(conv)
         return cls(
             compressed,
-            conv.bias[...] if conv.bias is not None else None,
+            bias,
             in_features=conv.in_features,
             out_features=conv.out_features,
             kernel_size=conv.kernel_size,
@@ -491,12 +482,9 @@ class SparseConv(SparseKernelLayer):
             input_dilation=conv.input_dilation,
             kernel_dilation=conv.kernel_dilation,
             feature_group_count=conv.feature_group_count,
-            dtype=conv.dtype,
-            param_dtype=conv.param_dtype,
             precision=conv.precision,
             stacked=stacked,
-            kernel_metadata=_metadata(conv.kernel),
-            bias_metadata=_metadata(conv.bias) if conv.bias is not None else None,
+            **carried,
         )
 
     def to_dense(self) -> nnx.Conv:

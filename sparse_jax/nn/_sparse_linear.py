@@ -13,6 +13,7 @@ from sparse_jax.nn._base import (
     SparseMeta,
     _metadata,
     _new_variable,
+    carried_over,
     compress_layer_kernel,
 )
 
@@ -109,17 +110,8 @@ class SparseLinear(SparseKernelLayer):
           impl: `sparse_jax.matmul`'s ``impl`` for the new layer.
         """
         kernel, stacked = compress_layer_kernel(linear.kernel[...], 2, 0, prune=prune)
-        bias = linear.bias[...] if linear.bias is not None else None
-        return cls(
-            kernel,
-            bias,
-            dtype=linear.dtype,
-            param_dtype=linear.param_dtype,
-            impl=impl,
-            stacked=stacked,
-            kernel_metadata=_metadata(linear.kernel),
-            bias_metadata=_metadata(linear.bias) if linear.bias is not None else None,
-        )
+        bias, carried = carried_over(linear)
+        return cls(kernel, bias, impl=impl, stacked=stacked, **carried)
 
     def to_linear(self) -> nnx.Linear:
         """The equivalent ``nnx.Linear`` with the decompressed (masked dense) kernel."""
