@@ -20,7 +20,8 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import bert_configs, cli  # noqa: E402  (no jax: --help stays fast)
+from recipes.engine import cli  # noqa: E402  (no jax: --help stays fast
+from recipes.text import bert_configs
 
 EPILOG = """\
 Table 2 (BERT-Large, SQuAD v1.1: F1 91.9 dense / 91.9 2:4 sparse) on one host with 8 GPUs:
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_device_arguments(
         parser, control_default="off by default", workers_note=None,
         exported="the final 2:4 model (float32, [1, max_seq_length] int32 inputs)")
-    cli.add_run_arguments(parser, "recipes/common/bert_configs.py", "--set max_seq_length=512")
+    cli.add_run_arguments(parser, "recipes/text/bert_configs.py", "--set max_seq_length=512")
     return parser
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = "squad" if args.train_file else "pydoc_qa"
     workdir = args.workdir or os.path.join(
         "runs", f"bert_{'large_' if args.train_file else ''}{dataset}{'_smoke' if args.smoke else ''}")
-    from recipes.common import bert_train  # imported late: --help answers without jax
+    from recipes.text import bert_train  # imported late: --help answers without jax
 
     started = time.time()
     results = bert_train.train_and_evaluate(config, workdir, resume=args.resume,

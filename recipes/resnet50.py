@@ -13,7 +13,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import cli  # noqa: E402
+from recipes.engine import cli  # noqa: E402
 
 EPILOG = """\
 Table 2 (ResNet-50 on ImageNet: dense 76.1 / 2:4 sparse 76.2 top-1) on one host with 8 GPUs:

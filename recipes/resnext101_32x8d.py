@@ -19,7 +19,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import cli  # noqa: E402
+from recipes.engine import cli  # noqa: E402
 
 EPILOG = """\
 full scale (Table 2: dense 79.3 / 2:4 sparse 79.3 top-1, ResNeXt-101 32x8d on ImageNet):

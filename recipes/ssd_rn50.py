@@ -16,7 +16,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import ssd_train  # noqa: E402  (imports jax lazily: --help stays fast)
+from recipes.detection import ssd_train  # noqa: E402  (imports jax lazily: --help stays fast
 
 EPILOG = """\
 Table 2 (SSD300 v1.1, ResNet-50 backbone, COCO 2017: bbAP 24.8 dense / 24.8 2:4 sparse) on one

@@ -18,7 +18,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import seq2seq_train  # noqa: E402
+from recipes.text import seq2seq_train  # noqa: E402
 
 EPILOG = """\
 Table 2 (Transformer big on WMT14 EN-DE: dense 28.2 / 2:4 sparse 28.5 BLEU) on one host, 8 GPUs:

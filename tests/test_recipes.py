@@ -21,7 +21,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import cli, configs, input_pipeline, models, train, weights  # noqa: E402
+from recipes.engine import cli  # noqa: E402
+from recipes.vision import configs, input_pipeline, models, train, weights
 
 STAGES_50 = (3, 4, 6, 3)
 

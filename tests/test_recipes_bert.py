@@ -26,7 +26,7 @@ import sparse_jax
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from recipes.common import bert, bert_configs, bert_train, qa_data, squad  # noqa: E402
+from recipes.text import bert, bert_configs, bert_train, qa_data, squad  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -563,7 +563,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    from recipes.common import bert_train
+    from recipes.text import bert_train
 
     uninterrupted = _smoke(tmp_path / "a")
     # The same vocabulary for both runs: tokenizers' trainer breaks ties irreproducibly, and a run

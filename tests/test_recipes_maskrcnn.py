@@ -22,9 +22,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import boxes as box_ops  # noqa: E402
-from recipes.common import (coco_eval, digits_detection, maskrcnn, maskrcnn_data,  # noqa: E402
-                            maskrcnn_train, rcnn_ops)
+from recipes.detection import boxes as box_ops  # noqa: E402
+from recipes.detection import coco_eval, digits_detection, maskrcnn, maskrcnn_data, maskrcnn_train, rcnn_ops  # noqa: E402
 
 SMALL = maskrcnn.ModelConfig(num_classes=11, num_filters=8, stage_sizes=(1, 1, 1, 1),
                              fpn_channels=16, representation_size=32, mask_channels=16)
@@ -267,7 +266,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    from recipes.common import train as image_train
+    from recipes.vision import train as image_train
 
     args = ["--smoke", "--no-control", "--devices", "1"]
     full = maskrcnn_train.main("maskrcnn_rn50", "", "", args + ["--workdir", str(tmp_path / "a")])

@@ -21,15 +21,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import (  # noqa: E402
-    cli,
-    grouped_conv,
-    model_configs,
-    models,
-    weights,
-    weights_timm,
-    xception,
-)
+from recipes.engine import cli  # noqa: E402
+from recipes.vision import grouped_conv, model_configs, models, weights, weights_timm, xception
 
 DEPTHWISE_REASON = "depthwise conv (1 input channel per group) cannot be 2:4"
 HI = jax.lax.Precision.HIGHEST
@@ -564,7 +557,7 @@ def write_jpeg_tree(data_dir, seed=0):
 def test_xception_imagefolder_uses_inception_preprocessing(tmp_path):
     from PIL import Image
 
-    from recipes.common import input_pipeline
+    from recipes.vision import input_pipeline
 
     write_jpeg_tree(tmp_path / "imagenet")
     args = cli.build_parser("d", "").parse_args(["--data-dir", str(tmp_path / "imagenet")])

@@ -25,8 +25,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import beam_search, seq2seq_train, transformer  # noqa: E402
-from recipes.common import translation_data as td  # noqa: E402
+from recipes.text import beam_search, seq2seq_train, transformer  # noqa: E402
+from recipes.text import translation_data as td  # noqa: E402
 
 
 @nnx.jit

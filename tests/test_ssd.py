@@ -22,8 +22,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from recipes.common import coco_data, coco_eval, digits_detection, models, ssd, ssd_boxes  # noqa: E402
-from recipes.common import ssd_train, weights  # noqa: E402
+from recipes.detection import coco_data, coco_eval, digits_detection, ssd, ssd_boxes  # noqa: E402
+from recipes.vision import models
+from recipes.detection import ssd_train  # noqa: E402
+from recipes.vision import weights
 
 SMALL_SPEC = digits_detection.DigitsSpec(num_train_images=24, num_val_images=12, image_size=64,
                                          min_digit_size=12, max_digit_size=28, seed=3)
@@ -516,7 +518,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
 @pytest.mark.slow  # two smoke runs (about 2 minutes on 2 cores)
 def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
-    from recipes.common import train as image_train
+    from recipes.vision import train as image_train
 
     config = ssd_train.smoke_config(ssd_train.builtin_config()).replace(
         devices=1, checkpoint_every_steps=2, builtin_dir=str(tmp_path / "digits"))

@@ -40,8 +40,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparse_jax
-from recipes.common import checkpointing, input_pipeline, metrics, models, weights
-from recipes.common.configs import Config
+from recipes.engine import checkpointing, metrics
+from recipes.vision import input_pipeline, models, weights
+from recipes.vision.configs import Config
 
 PHASES = ("dense", "retrain", "control")
 
@@ -58,7 +59,7 @@ class Interrupted(RuntimeError):
 def create_model(config: Config, info: input_pipeline.DatasetInfo, seed: int | None = None) -> nnx.Module:
     """The NNX model ``config.model`` names, for the dataset's classes and channels."""
     if config.model == "xception":
-        from recipes.common import xception
+        from recipes.vision import xception
 
         return xception.create_model(config, info, seed)
     if config.model not in models.MODELS:

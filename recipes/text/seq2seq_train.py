@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from recipes.common import cli
+from recipes.engine import cli
 
 # Which leaves 2:4 pruning touches, first match wins (see sparse_jax.plan_tree). Forcing axis 0
 # (the input axis of an (in, out) kernel) makes a renamed or reshaped projection fail loudly.
@@ -123,7 +123,7 @@ class TranslationConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def model_config(self, vocab_size: int):
-        from recipes.common import transformer
+        from recipes.text import transformer
 
         overrides = {name: getattr(self, name) for name in
                      ("d_model", "ffn_dim", "num_heads", "encoder_layers", "decoder_layers",
@@ -259,7 +259,7 @@ def make_translate_fn(graphdef, config: TranslationConfig, ids: dict[str, int]) 
     import jax
     from flax import nnx
 
-    from recipes.common import beam_search
+    from recipes.text import beam_search
 
     @functools.partial(jax.jit, static_argnames=("max_length",))
     def translate(params, src, max_length):
@@ -317,7 +317,7 @@ class Data:
 
 def prepare_data(config: TranslationConfig, workdir: str, log: Callable = print) -> Data:
     """Reads (or builds) the corpus, loads or trains the joint sentencepiece model, tokenises."""
-    from recipes.common import translation_data as td
+    from recipes.text import translation_data as td
 
     if config.data_dir:
         texts = {split: td.read_parallel(config.data_dir, split, config.source_lang,
@@ -374,8 +374,8 @@ def validation_loss(loss_step, params, pairs, config: TranslationConfig, mesh) -
     """Mean per-token NLL of the reference translations (teacher forcing, no dropout)."""
     import jax
 
-    from recipes.common import train as image_train
-    from recipes.common import translation_data as td
+    from recipes.vision import train as image_train
+    from recipes.text import translation_data as td
 
     rows = max(mesh.size, config.eval_batch_size - config.eval_batch_size % mesh.size)
     total, count = 0.0, 0.0
@@ -390,7 +390,7 @@ def translate_and_score(translate, params, data: Data, config: TranslationConfig
     """Beam-search translations of the test set, detokenised by sentencepiece, and their BLEU."""
     import jax
 
-    from recipes.common import translation_data as td
+    from recipes.text import translation_data as td
 
     pairs = data.test
     hypotheses = [""] * len(pairs)
@@ -442,9 +442,9 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, data_seed: in
     """Trains ``state`` for ``num_train_steps``; logs, checkpoints, validates; BLEU at the end."""
     import jax
 
-    from recipes.common import checkpointing
-    from recipes.common import train as image_train
-    from recipes.common import translation_data as td
+    from recipes.engine import checkpointing
+    from recipes.vision import train as image_train
+    from recipes.text import translation_data as td
 
     config, total_steps = wf.config, wf.config.num_train_steps
     source = td.TokenBatchSource(wf.data.train, config.buckets, config.max_tokens, data_seed,
@@ -523,7 +523,7 @@ def load_dense_params(source: str, like_params: dict) -> tuple[dict, str]:
     """The dense parameters of a finished run (its ``checkpoints/dense``) or of one step directory."""
     import re
 
-    from recipes.common import checkpointing
+    from recipes.engine import checkpointing
 
     source = os.path.abspath(source)
     if os.path.isdir(os.path.join(source, "checkpoints", "dense")):
@@ -554,9 +554,9 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, *, resume: bool 
     from flax import nnx
 
     import sparse_jax
-    from recipes.common import metrics
-    from recipes.common import train as image_train
-    from recipes.common import transformer
+    from recipes.engine import metrics
+    from recipes.vision import train as image_train
+    from recipes.text import transformer
 
     started = time.time()
     if config.distributed:
@@ -703,7 +703,7 @@ def export_onnx(model_cfg, params, length: int, path: str) -> None:
     from flax import nnx
 
     import sparse_jax.export  # needs the export extra (jax2onnx)
-    from recipes.common import transformer
+    from recipes.text import transformer
 
     float32_cfg = dataclasses.replace(model_cfg, dtype="float32")
     graphdef, _ = nnx.split(transformer.Transformer(float32_cfg, rngs=nnx.Rngs(0)), nnx.Param)

@@ -108,7 +108,7 @@ class MaskRCNNConfig:
         return self.learning_rate_per_16 * self.batch_size / 16
 
     def model_config(self, num_classes: int):
-        from recipes.common import maskrcnn
+        from recipes.detection import maskrcnn
 
         fields = {f.name for f in dataclasses.fields(maskrcnn.ModelConfig)}
         shared = {name: getattr(self, name) for name in fields if hasattr(self, name)}
@@ -177,7 +177,7 @@ class Data:
 
 
 def prepare_data(config: MaskRCNNConfig, workdir: str, log: Callable = print) -> Data:
-    from recipes.common import digits_detection, maskrcnn_data
+    from recipes.detection import digits_detection, maskrcnn_data
 
     if config.data_dir:
         directory, name = config.data_dir, "coco2017"
@@ -251,7 +251,7 @@ def create_optimizer(config: MaskRCNNConfig, total_steps: int, params, model_con
     import jax
     import optax
 
-    from recipes.common import maskrcnn
+    from recipes.detection import maskrcnn
 
     def label(path, _):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
@@ -269,7 +269,8 @@ def normalize(images, image_hw, dtype):
     pads with 0)."""
     import jax.numpy as jnp
 
-    from recipes.common import coco_data, input_pipeline
+    from recipes.detection import coco_data
+    from recipes.vision import input_pipeline
 
     x = input_pipeline.normalize_images(images, coco_data.IMAGENET_MEAN, coco_data.IMAGENET_STD,
                                         jnp.float32)
@@ -293,7 +294,7 @@ def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from recipes.common import maskrcnn
+    from recipes.detection import maskrcnn
 
     def train_step(state, batch, step, seed):
         key = jax.random.fold_in(jax.random.key(seed), step)
@@ -321,7 +322,7 @@ def make_inference_fns(graphdef, **jit_options):
     import jax
     from flax import nnx
 
-    from recipes.common import maskrcnn
+    from recipes.detection import maskrcnn
 
     @functools.partial(jax.jit, **jit_options)
     def boxes_fn(params, batch_stats, images, image_hw):
@@ -356,8 +357,8 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
     """COCO result records (boxes and RLE masks on the original images) for the val split."""
     import jax
 
-    from recipes.common import boxes as box_ops
-    from recipes.common import coco_eval, maskrcnn, maskrcnn_data, rcnn_ops
+    from recipes.detection import boxes as box_ops
+    from recipes.detection import coco_eval, maskrcnn, maskrcnn_data, rcnn_ops
 
     boxes_fn, masks_fn = fns
     records = []
@@ -396,7 +397,7 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
 def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
              model_config) -> dict[str, Any]:
     """bbox and segm COCO summaries (``{"bbox": AP, "segm": AP, "bbox_summary": {...}, ...}``)."""
-    from recipes.common import coco_eval
+    from recipes.detection import coco_eval
 
     records = predict(fns, params, batch_stats, data, config, model_config)
     image_ids = [r["image_id"] for r in data.val.records]
@@ -444,8 +445,9 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
     """Trains ``state`` for ``total_steps``; logs, checkpoints; COCO evaluation at the end."""
     import jax
 
-    from recipes.common import checkpointing, maskrcnn_data
-    from recipes.common import train as image_train
+    from recipes.detection import maskrcnn_data
+    from recipes.engine import checkpointing
+    from recipes.vision import train as image_train
 
     config = wf.config
     iterator = maskrcnn_data.train_iterator(wf.data.train, batch_size=config.batch_size,
@@ -509,7 +511,9 @@ def load_dense_weights(source: str, model) -> str:
     """Dense weights into ``model``: torchvision ``.safetensors`` or a finished run."""
     from flax import nnx
 
-    from recipes.common import checkpointing, maskrcnn, weights
+    from recipes.detection import maskrcnn
+    from recipes.engine import checkpointing
+    from recipes.vision import weights
 
     if source.endswith(".safetensors"):
         maskrcnn.import_torchvision_state_dict(model, weights.load_safetensors(source))
@@ -534,8 +538,9 @@ def train_and_evaluate(config: MaskRCNNConfig, workdir: str, *, resume: bool = F
     from flax import nnx
 
     import sparse_jax
-    from recipes.common import maskrcnn, metrics
-    from recipes.common import train as image_train
+    from recipes.detection import maskrcnn
+    from recipes.engine import metrics
+    from recipes.vision import train as image_train
 
     started = time.time()
     if config.distributed:
@@ -719,7 +724,7 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
-    from recipes.common import cli
+    from recipes.engine import cli
 
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -736,13 +741,13 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="learning rate per 16 images (default 0.02)")
     cli.add_device_arguments(parser, control_default="on by default for the built-in set, off "
                              "for COCO", exported=None)
-    cli.add_run_arguments(parser, "recipes/common/maskrcnn_train.py MaskRCNNConfig",
+    cli.add_run_arguments(parser, "recipes/detection/maskrcnn_train.py MaskRCNNConfig",
                           "--set train_min_sizes=480,512,544,576,608,640,672,704,736,768,800")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> MaskRCNNConfig:
-    from recipes.common import cli
+    from recipes.engine import cli
 
     config = coco_config() if args.data_dir else builtin_config()
     config = config.replace(model=model, data_dir=args.data_dir)
@@ -756,7 +761,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> MaskRCNNConfig:
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.common import cli
+    from recipes.engine import cli
 
     args = build_parser(description, epilog).parse_args(argv)
     return cli.run(train_and_evaluate, config_from_args(args, model), args, model,

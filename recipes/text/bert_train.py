@@ -39,9 +39,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparse_jax
-from recipes.common import bert, checkpointing, metrics, qa_data, squad
-from recipes.common.bert_configs import QAConfig
-from recipes.common.train import (RUN_OUTPUTS, Interrupted, create_mesh, mean_loss_and_accuracy,
+from recipes.engine import checkpointing, metrics
+from recipes.text import bert, qa_data, squad
+from recipes.text.bert_configs import QAConfig
+from recipes.vision.train import (RUN_OUTPUTS, Interrupted, create_mesh, mean_loss_and_accuracy,
                                   exactly_masked, prepare_workdir, report_summary, run_facts,
                                   shard_batch, write_run_outputs)
 

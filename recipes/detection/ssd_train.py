@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from recipes.common import cli
+from recipes.engine import cli
 
 PHASES = ("dense", "retrain", "control")
 
@@ -178,7 +178,8 @@ def smoke_config(config: SSDConfig) -> SSDConfig:
 def create_model(config: SSDConfig, num_classes: int, seed: int | None = None):
     import jax.numpy as jnp
 
-    from recipes.common import models, ssd
+    from recipes.detection import ssd
+    from recipes.vision import models
 
     from flax import nnx
 
@@ -197,7 +198,7 @@ def create_model(config: SSDConfig, num_classes: int, seed: int | None = None):
 
 def box_spec(config: SSDConfig, model):
     """The default-box layout for ``model``'s feature maps at ``config.image_size``."""
-    from recipes.common import ssd, ssd_boxes
+    from recipes.detection import ssd, ssd_boxes
 
     sizes = ssd.feature_sizes(model, config.image_size)
     steps = config.box_steps or tuple(config.image_size / s for s in sizes)
@@ -245,7 +246,8 @@ def create_optimizer(config: SSDConfig, total_steps: int):
 
 
 def _normalize(images, dtype):
-    from recipes.common import coco_data, input_pipeline
+    from recipes.detection import coco_data
+    from recipes.vision import input_pipeline
 
     return input_pipeline.normalize_images(images, coco_data.IMAGENET_MEAN, coco_data.IMAGENET_STD,
                                            dtype)
@@ -264,7 +266,7 @@ def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from recipes.common import ssd_boxes
+    from recipes.detection import ssd_boxes
 
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
@@ -306,7 +308,7 @@ def make_predict_step(graphdef, mesh, defaults, config: SSDConfig) -> Callable:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from recipes.common import ssd_boxes
+    from recipes.detection import ssd_boxes
 
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
@@ -334,7 +336,7 @@ class Data:
 
 
 def prepare_data(config: SSDConfig, workdir: str, log: Callable = print) -> Data:
-    from recipes.common import coco_data, coco_eval, digits_detection
+    from recipes.detection import coco_data, coco_eval, digits_detection
 
     if config.data_dir:
         data_dir, name = config.data_dir, "coco2017"
@@ -360,8 +362,8 @@ def detect(predict, params, batch_stats, data: Data, config: SSDConfig, mesh
     """COCO result records of the validation images: decode, per-class NMS, top detections."""
     import jax
 
-    from recipes.common import coco_data, ssd_boxes
-    from recipes.common import train as image_train
+    from recipes.detection import coco_data, ssd_boxes
+    from recipes.vision import train as image_train
 
     records = []
     for batch in coco_data.eval_batches(data.val, image_size=config.image_size,
@@ -419,7 +421,7 @@ class Workflow:
 
     def score(self, params, batch_stats, phase: str) -> dict[str, Any]:
         """bbAP and the 12-number summary; writes the detections to detections_<phase>.json."""
-        from recipes.common import coco_eval
+        from recipes.detection import coco_eval
 
         detections = detect(self.predict, params, batch_stats, self.data, self.config, self.mesh)
         summary = coco_eval.evaluate(self.data.ground_truth, detections, "bbox",
@@ -435,8 +437,9 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
     import jax
     import jax.numpy as jnp
 
-    from recipes.common import checkpointing, coco_data
-    from recipes.common import train as image_train
+    from recipes.detection import coco_data
+    from recipes.engine import checkpointing
+    from recipes.vision import train as image_train
 
     config = wf.config
     aug = coco_data.Augmentation(expand_probability=config.expand_probability,
@@ -516,7 +519,7 @@ def run_phase(wf: Workflow, phase: str, state: dict[str, Any], tx, total_steps: 
 
 
 def _format_summary(summary: dict[str, float]) -> str:
-    from recipes.common import coco_eval
+    from recipes.detection import coco_eval
 
     return str(coco_eval.CocoSummary(list(summary.values()), "bbox"))
 
@@ -532,8 +535,9 @@ def train_and_evaluate(config: SSDConfig, workdir: str, *, resume: bool = False,
     from flax import nnx
 
     import sparse_jax
-    from recipes.common import metrics, ssd
-    from recipes.common import train as image_train
+    from recipes.detection import ssd
+    from recipes.engine import metrics
+    from recipes.vision import train as image_train
 
     started = time.time()
     if config.distributed:
@@ -551,11 +555,11 @@ def train_and_evaluate(config: SSDConfig, workdir: str, *, resume: bool = False,
     data = prepare_data(config, workdir, log=print)
     model = create_model(config, data.train.num_classes)
     spec = box_spec(config, model)
-    from recipes.common import ssd_boxes
+    from recipes.detection import ssd_boxes
 
     defaults = ssd_boxes.default_boxes(spec)
     if config.backbone_weights:
-        from recipes.common import weights
+        from recipes.vision import weights
 
         loaded = ssd.import_torchvision_backbone(model, weights.load_safetensors(
             config.backbone_weights))
@@ -674,7 +678,7 @@ def train_and_evaluate(config: SSDConfig, workdir: str, *, resume: bool = False,
 
 
 def _load_dense(source: str, model) -> tuple[dict, dict, str]:
-    from recipes.common import checkpointing
+    from recipes.engine import checkpointing
 
     if source.endswith(".safetensors"):
         raise ValueError(f"--init-from {source!r}: a .safetensors file holds backbone weights; "
@@ -741,7 +745,7 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
         parser, control_default="off by default",
         exported="the final 2:4 network (eval mode, float32, box offsets and class logits; "
         "decoding and NMS outside)")
-    cli.add_run_arguments(parser, "recipes/common/ssd_train.py SSDConfig",
+    cli.add_run_arguments(parser, "recipes/detection/ssd_train.py SSDConfig",
                           "--set max_eval_images=500 --set compute_dtype=float32")
     return parser
 

@@ -8,7 +8,7 @@ import os
 import time
 import typing
 
-from recipes.common import configs, model_configs
+from recipes.vision import configs, model_configs
 
 
 def parse_field_value(config_type: type, name: str, text: str):
@@ -97,7 +97,7 @@ def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="learning rate per 256 images (default 0.1)")
     add_device_arguments(parser, control_default="on by default for built-in data, off for "
                          "ImageNet", exported="the final 2:4 model (eval mode, float32 NHWC input)")
-    add_run_arguments(parser, "recipes/common/configs.py",
+    add_run_arguments(parser, "recipes/vision/configs.py",
                       "--set weight_decay=5e-5 --set compute_dtype=float32")
     return parser
 
@@ -131,7 +131,7 @@ def main(model: str, description: str, epilog: str, argv: list[str] | None = Non
     args = build_parser(description, epilog).parse_args(argv)
     config = config_from_args(args, model)
     # Imported late so that --help answers without loading jax.
-    from recipes.common import train
+    from recipes.vision import train
 
     return run(train.train_and_evaluate, config, args, model,
                "imagenet" if args.data_dir else "mnist_5k")
