@@ -8,7 +8,7 @@ runs the real ImageNet recipe (Table 2 of NVIDIA's "Accelerating Sparse Deep Neu
 import os
 import sys
 
-# `python recipes/resnet50.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/resnet50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
@@ -41,4 +41,6 @@ Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_repor
 """
 
 if __name__ == "__main__":
-    cli.main(model="resnet50", description=__doc__, epilog=EPILOG)
+    from recipes.vision.classification_task import ClassificationTask
+
+    cli.main(ClassificationTask, "resnet50", __doc__, EPILOG)

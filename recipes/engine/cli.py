@@ -1,4 +1,9 @@
-"""The command line every recipe script shares (the scripts only name their model)."""
+"""The command line every recipe shares; a task adds its own options as a table.
+
+A task class gives ``options``: ``(flag, config field, type, help)`` rows (``type`` None: a
+string; a tuple: the choices), ``control_help``, ``configs(args, model) -> config`` (the full recipe
+or the built-in default), ``smoke_config(config)`` and ``dataset_of(args)``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,6 @@ import dataclasses
 import os
 import time
 import typing
-
-from recipes.vision import configs, model_configs
 
 
 def parse_field_value(config_type: type, name: str, text: str):
@@ -30,11 +33,14 @@ def parse_field_value(config_type: type, name: str, text: str):
 
 
 def apply_command_line(config, overrides: dict, args: argparse.Namespace):
-    """A recipe config (a dataclass with ``replace``) with the given ``overrides`` (None: not
-    given), then ``--distributed``, ``--no-progress`` and every ``--set FIELD=VALUE`` applied."""
+    """``config`` with the given ``overrides`` (None: not given), then ``--distributed`` (and
+    its coordinator options), ``--no-progress`` and every ``--set FIELD=VALUE`` applied."""
     config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    if args.distributed:
-        config = config.replace(distributed=True)
+    distributed = {"coordinator_address": args.coordinator_address,
+                   "num_processes": args.num_processes, "process_id": args.process_id}
+    if args.distributed or any(v is not None for v in distributed.values()):
+        config = config.replace(distributed=True,
+                                **{k: v for k, v in distributed.items() if v is not None})
     if args.no_progress:
         config = config.replace(progress_bar=False)
     names = {f.name for f in dataclasses.fields(config)}
@@ -46,92 +52,69 @@ def apply_command_line(config, overrides: dict, args: argparse.Namespace):
     return config
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, config_file: str, set_example: str) -> None:
-    """The options every recipe shares: --resume, --overwrite, --distributed, --smoke,
-    --no-progress and --set FIELD=VALUE (``set_example``: a sample, ``config_file``: where the
-    fields are)."""
+def add_run_arguments(parser: argparse.ArgumentParser, config_name: str, set_example: str,
+                      control_help: str) -> None:
+    """The options every recipe shares."""
+    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the dense model for the retraining steps (the fair "
+                        f"comparison; {control_help})")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
                         "from its last checkpoints (same result as an uninterrupted run)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again even if --workdir holds an unfinished run")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first")
+    parser.add_argument("--distributed", action="store_true", help="several processes: call "
+                        "jax.distributed.initialize() first (the cluster is auto-detected "
+                        "unless the next three options or JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES and JAX_PROCESS_ID give it)")
+    parser.add_argument("--coordinator-address", metavar="HOST:PORT",
+                        help="process 0's address (implies --distributed)")
+    parser.add_argument("--num-processes", type=int, help="number of processes (all hosts)")
+    parser.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
                         "code path (all phases, checkpoints, plot) in well under a minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help=f"override any config field, e.g. {set_example} (see {config_file})")
+                        help=f"override any config field, e.g. {set_example} (see {config_name})")
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, control_default: str,
-                         exported: str | None, workers_note: str | None = "full recipe: 8") -> None:
-    """--devices, --workers (unless ``workers_note`` is None: no grain pipeline), --control and
-    (when ``exported`` says what is written) --export-onnx, with the recipe's own words:
-    ``control_default`` says when the control phase is on."""
-    parser.add_argument("--devices", type=int, help="use the first N local devices (default all)")
-    if workers_note is not None:
-        parser.add_argument("--workers", type=int, help=f"grain worker processes ({workers_note})")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also train the dense model for the retraining steps (the fair "
-                        f"comparison; {control_default})")
-    if exported is not None:
-        parser.add_argument("--export-onnx", metavar="PATH", help=f"also export {exported} to "
-                            "ONNX for TensorRT; needs the export extra (see README); check it "
-                            "with sparse-jax-inspect PATH")
-
-
-def build_parser(description: str, epilog: str) -> argparse.ArgumentParser:
+def build_parser(task_class, description: str, epilog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", help="ImageNet-style folder with train/<class>/*.JPEG and "
-                        "val/<class>/*.JPEG; selects the full recipe. Without it: built-in MNIST")
     parser.add_argument("--workdir", help="output directory (default runs/<model>_<dataset>)")
-    parser.add_argument("--init-from", help="dense weights instead of dense training: an orbax "
-                        "checkpoint (a run directory or checkpoint step) or torchvision weights "
-                        "as .safetensors with torchvision key names")
-    parser.add_argument("--batch-size", type=int, help="global batch, split over all devices "
-                        "(full recipe: 256; the learning rate scales with it)")
-    parser.add_argument("--epochs", type=float, help="epochs of each phase (dense and retrain; "
-                        "full recipe: 90, lr steps every third of it unless --set lr_step_epochs=)")
-    parser.add_argument("--steps", type=int, help="steps of each phase (overrides --epochs)")
-    parser.add_argument("--lr", type=float, help="learning rate per 256 images (default 0.1)")
-    add_device_arguments(parser, control_default="on by default for built-in data, off for "
-                         "ImageNet", exported="the final 2:4 model (eval mode, float32 NHWC input)")
-    add_run_arguments(parser, "recipes/vision/configs.py",
-                      "--set weight_decay=5e-5 --set compute_dtype=float32")
+    for flag, _, kind, text in task_class.options:
+        extra = ({"choices": kind} if isinstance(kind, tuple) else
+                 {"action": "store_true", "default": None} if kind is bool else
+                 {"type": kind} if kind else {})
+        parser.add_argument(flag, help=text, **({"metavar": "PATH"} if flag == "--export-onnx"
+                                                else {}), **extra)
+    add_run_arguments(parser, task_class.config_name, task_class.set_example,
+                      task_class.control_help)
     return parser
 
 
-def config_from_args(args: argparse.Namespace, model: str) -> configs.Config:
-    config = model_configs.base_config(model, imagenet=bool(args.data_dir))
-    config = config.replace(model=model, data_dir=args.data_dir)
-    if args.data_dir is not None:
-        config = config.replace(control=False)
+def config_from_args(task_class, args: argparse.Namespace, model: str):
+    config = task_class.configs(args, model).replace(model=model)
     if args.smoke:
-        config = model_configs.smoke_config(config)
-    overrides = {"init_from": args.init_from, "batch_size": args.batch_size,
-                 "num_epochs": args.epochs, "num_train_steps": args.steps,
-                 "learning_rate_per_256": args.lr, "devices": args.devices,
-                 "num_workers": args.workers, "control": args.control,
-                 "export_onnx": args.export_onnx}
+        config = task_class.smoke_config(config)
+    overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_"))
+                 for flag, field, _, _ in task_class.options if field}
+    overrides.update(devices=args.devices, control=args.control)
     return apply_command_line(config, overrides, args)
 
 
-def run(train_and_evaluate, config, args: argparse.Namespace, model: str, dataset: str) -> dict:
-    """Runs a recipe's ``train_and_evaluate`` in ``--workdir`` (default
-    ``runs/<model>_<dataset>[_smoke]``) with ``--resume``/``--overwrite``; prints the wall time."""
-    workdir = args.workdir or os.path.join("runs", f"{model}_{dataset}{'_smoke' if args.smoke else ''}")
+def main(task_class, model: str, description: str, epilog: str,
+         argv: list[str] | None = None) -> dict:
+    """Parses the command line, runs the workflow in ``--workdir`` (default
+    ``runs/<model>_<dataset>[_smoke]``) and prints the wall time."""
+    args = build_parser(task_class, description, epilog).parse_args(argv)
+    config = config_from_args(task_class, args, model)
+    from recipes.engine import workflow
+
+    workdir = args.workdir or os.path.join(
+        "runs", f"{model}_{task_class.dataset_of(args)}{'_smoke' if args.smoke else ''}")
     started = time.time()
-    results = train_and_evaluate(config, workdir, resume=args.resume, overwrite=args.overwrite)
-    print(f"total wall time {time.time() - started:.0f} s")
+    results = workflow.train_and_evaluate(task_class, config, workdir, resume=args.resume,
+                                          overwrite=args.overwrite)
+    print(f"total wall time {time.time() - started:.0f} s, CPU time {results['cpu_seconds']:.0f} s")
     return results
-
-
-def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    args = build_parser(description, epilog).parse_args(argv)
-    config = config_from_args(args, model)
-    # Imported late so that --help answers without loading jax.
-    from recipes.vision import train
-
-    return run(train.train_and_evaluate, config, args, model,
-               "imagenet" if args.data_dir else "mnist_5k")

@@ -43,58 +43,55 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(records: list[dict[str, Any]], path: str, title: str, metric_name: str = "top-1") -> None:
-    """Train loss and train/eval accuracy against the step, one colour per phase.
+def plot_curves(records: list[dict[str, Any]], path: str, title: str, label: str = "top-1",
+                percent: bool = True) -> None:
+    """Train (and held-out) loss and the headline metric against the step, one colour per phase.
 
     Retraining and the dense control start where dense training ended, so that the two
-    continuations of the dense model overlay each other.
+    continuations of the dense model overlay each other; the one-shot model is a cross.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scale = 100.0 if percent else 1.0
     dense_steps = max((r["step"] for r in records if r["phase"] == "dense"), default=0)
     offsets = {"dense": 0, "retrain": dense_steps, "control": dense_steps}
-    fig, (ax_loss, ax_acc, ax_zoom) = plt.subplots(1, 3, figsize=(15, 4))
+    names = {"dense": "dense", "retrain": "2:4 sparse retraining", "control": "dense control"}
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     for phase, color in PHASE_COLORS.items():
         train = [r for r in records if r["phase"] == phase and r["split"] == "train"]
-        evals = [r for r in records if r["phase"] == phase and r["split"] == "eval"]
-        label = {"dense": "dense", "retrain": "2:4 sparse retraining",
-                 "control": "dense control"}[phase]
+        held_out = [r for r in records if r["phase"] == phase and r["split"] != "train"]
         if train:
             steps = [offsets[phase] + r["step"] for r in train]
-            ax_loss.plot(steps, [r["loss"] for r in train], color=color, label=label, lw=1)
-            ax_acc.plot(steps, [100 * r["metric"] for r in train], color=color, lw=0.8, alpha=0.35)
-        if evals:
-            for ax in (ax_acc, ax_zoom):
-                ax.plot([offsets[phase] + r["step"] for r in evals],
-                        [100 * r["metric"] for r in evals], "o-", color=color, ms=3,
-                        label=f"{label} (held-out)")
-            final = 100 * evals[-1]["metric"]
-            ax_zoom.axhline(final, color=color, lw=0.8, ls="--")
-            ax_zoom.annotate(f"{final:.2f}", (offsets[phase] + evals[-1]["step"], final),
-                             color=color, fontsize=8, xytext=(4, 2), textcoords="offset points")
-    one_shot = [r for r in records if r["phase"] == "one_shot"]
+            ax_loss.plot(steps, [r["loss"] for r in train], color=color, lw=1, label=names[phase])
+            if train[0].get("metric") is not None:
+                ax_metric.plot(steps, [scale * r["metric"] for r in train], color=color, lw=0.8,
+                               alpha=0.35)
+        with_loss = [r for r in held_out if r.get("loss") is not None]
+        if with_loss:
+            ax_loss.plot([offsets[phase] + r["step"] for r in with_loss],
+                         [r["loss"] for r in with_loss], "o--", color=color, ms=3, lw=0.8,
+                         label=f"{names[phase]} (held-out)")
+        scored = [r for r in held_out if r.get("metric") is not None]
+        if scored:
+            x = [offsets[phase] + r["step"] for r in scored]
+            ax_metric.plot(x, [scale * r["metric"] for r in scored], "o-", color=color, ms=3,
+                           label=f"{names[phase]} (held-out)")
+            ax_metric.annotate(f"{scale * scored[-1]['metric']:.2f}", (x[-1], scale * scored[-1][
+                "metric"]), color=color, fontsize=8, xytext=(4, 2), textcoords="offset points")
+    one_shot = [r for r in records if r["phase"] == "one_shot" and r.get("metric") is not None]
     if one_shot:
-        ax_acc.plot([dense_steps], [100 * one_shot[-1]["metric"]], "x", color="black", ms=8,
-                    mew=2, label="one-shot 2:4 (no retraining)")
-    if dense_steps:
-        for ax in (ax_loss, ax_acc, ax_zoom):
+        ax_metric.plot([dense_steps], [scale * one_shot[-1]["metric"]], "x", color="black", ms=8,
+                       mew=2, label="one-shot 2:4 (no retraining)")
+    for ax in (ax_loss, ax_metric):
+        if dense_steps:
             ax.axvline(dense_steps, color="black", lw=0.6, ls=":")
-    ax_loss.set(xlabel="step", ylabel="train loss", yscale="log", title="training loss")
-    ax_acc.set(xlabel="step", ylabel=f"{metric_name} accuracy (%)",
-               title="accuracy (line: train batches, dots: held-out)")
-    ax_acc.set_ylim(0.0, 100.5)
-    # Zoom on the second half of each phase, where the final accuracies are compared.
-    late = [100 * r["metric"] for r in records if r["split"] == "eval" and r["phase"] in offsets
-            and r["step"] >= 0.5 * max(x["step"] for x in records if x["phase"] == r["phase"])]
-    if late:
-        ax_zoom.set_ylim(min(late) - 1.0, min(100.2, max(late) + 1.0))
-    ax_zoom.set(xlabel="step", ylabel=f"held-out {metric_name} (%)",
-                title="held-out accuracy, zoomed (dashed: final)")
-    ax_loss.legend(fontsize=8)
-    ax_acc.legend(fontsize=8, loc="center right")
+        ax.legend(fontsize=8)
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    ax_metric.set(xlabel="step", ylabel=label + (" (%)" if percent else ""),
+                  title=f"{label} (line: train batches, dots: held-out)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
