@@ -13,12 +13,12 @@ each other. With ``--data-dir``, runs the real WMT14 English-German recipe (Tabl
 import os
 import sys
 
-# `python recipes/transformer_wmt.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/transformer_wmt.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.text import seq2seq_train  # noqa: E402
+from recipes.text import translation_task  # noqa: E402
 
 EPILOG = """\
 Table 2 (Transformer big on WMT14 EN-DE: dense 28.2 / 2:4 sparse 28.5 BLEU) on one host, 8 GPUs:
@@ -54,4 +54,4 @@ A fair comparison:       --control also trains the dense model for the retrainin
 """
 
 if __name__ == "__main__":
-    seq2seq_train.main(model="transformer_wmt", description=__doc__, epilog=EPILOG)
+    translation_task.main("transformer_wmt", __doc__, EPILOG)
