@@ -96,6 +96,8 @@ class Task:
     def __init__(self, config, workdir: str, wf: "Workflow"):
         self.config, self.workdir, self.wf = config, workdir, wf
         self.steps = 0
+        self.model_name = config.model  # results.json "model"
+        self.extra_steps: dict[str, int] = {}  # steps of the task's own phases (pretrain)
 
     # -- to override ---------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
@@ -518,12 +520,12 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     report = sparse_jax.sparsity_report(final_state["params"], masks, config.sparsity_n,
                                         config.sparsity_m, rules=task.pruning_rules)
     results = {
-        "model": config.model,
+        "model": task.model_name,
         "dataset": task.dataset_name,
         "metric": task.metric,
         **{name: None if result is None else result[task.headline]
            for name, result in evals.items()},
-        "steps": {"dense": dense_steps, "retrain": steps, "control": steps if control else None},
+        "steps": {**task.extra_steps, "dense": dense_steps, "retrain": steps, "control": steps if control else None},
         "num_params": num_params,
         **task.extra_results(evals),
         "exactly_nm_sparse": exactly_sparse,
@@ -536,7 +538,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
             f.write(str(report) + "\n")
         metrics.plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                            f"{config.model} on {task.dataset_name}: dense -> "
+                            f"{task.model_name} on {task.dataset_name}: dense -> "
                             f"{config.sparsity_n}:{config.sparsity_m} prune -> retrain",
                             task.label, task.percent)
         with open(os.path.join(workdir, "results.json"), "w") as f:
