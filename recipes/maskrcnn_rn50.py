@@ -12,12 +12,12 @@ Deep Neural Networks": bbAP 37.9 dense, 37.9 2:4).
 import os
 import sys
 
-# `python recipes/maskrcnn_rn50.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/maskrcnn_rn50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.detection import maskrcnn_train  # noqa: E402
+from recipes.detection import maskrcnn_task  # noqa: E402
 
 EPILOG = """\
 Table 2 (Mask R-CNN ResNet-50-FPN on COCO 2017: bbox AP 37.9 dense / 37.9 2:4 sparse; torchvision's
@@ -52,4 +52,4 @@ Outputs (in --workdir):  results.json (bbox AP as the metric, mask AP beside it)
 """
 
 if __name__ == "__main__":
-    maskrcnn_train.main(model="maskrcnn_rn50", description=__doc__, epilog=EPILOG)
+    maskrcnn_task.main("maskrcnn_rn50", __doc__, EPILOG)
