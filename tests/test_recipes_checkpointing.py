@@ -1,4 +1,4 @@
-"""recipes/common/checkpointing.open_phase: the start of every recipe's ``run_phase``."""
+"""recipes/engine/checkpointing.open_phase: the start of every recipe's ``run_phase``."""
 
 import os
 import sys
