@@ -9,6 +9,7 @@ per epoch.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import jax
@@ -129,6 +130,7 @@ class ClassificationTask(workflow.Task):
     metric = headline = "top1"
     label = "top-1"
     seed_offsets = {"dense": 0, "retrain": 1, "control": 1}
+    outputs = ("skipped_images.txt",)
     config_name = "recipes/vision/configs.py"
     set_example = "--set weight_decay=5e-5 --set compute_dtype=float32"
     control_help = "on by default for built-in data, off for ImageNet"
@@ -168,7 +170,9 @@ class ClassificationTask(workflow.Task):
         if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
             raise ValueError(f"batch_size {config.batch_size} and eval_batch_size "
                              f"{config.eval_batch_size} must be multiples of the {mesh.size} devices")
-        self.datasets = input_pipeline.create_datasets(config)
+        self.skipped_log = os.path.join(self.workdir, "skipped_images.txt")
+        self.datasets = input_pipeline.create_datasets(
+            config, skipped_log=self.skipped_log if config.skip_bad_images else None)
         info = self.info = self.datasets.info
         self.dataset_name = info.name
         self.model = create_model(config, info)
@@ -238,8 +242,15 @@ class ClassificationTask(workflow.Task):
                 "batch_stats": nnx.to_pure_dict(batch_stats)}, description
 
     def extra_results(self, evals):
-        return {"top5": {k: None if v is None else v["top5"] for k, v in evals.items()},
-                "batch_size": self.config.batch_size, "eval_examples": evals["sparse"]["count"]}
+        extra = {"top5": {k: None if v is None else v["top5"] for k, v in evals.items()},
+                 "batch_size": self.config.batch_size, "eval_examples": evals["sparse"]["count"]}
+        if self.config.skip_bad_images:
+            skipped = input_pipeline.read_skipped_log(self.skipped_log)
+            extra["skipped_images"] = {"count": len(skipped), "files": skipped}
+            self.wf.print(f"[data] skipped {len(skipped)} undecodable image(s) (replaced by the "
+                          f"next one of their split), listed in {self.skipped_log}"
+                          + "".join(f"\n  {path}: {why}" for path, why in sorted(skipped.items())))
+        return extra
 
     def table_rows(self, results):
         return [("top-5", results["top5"])]
