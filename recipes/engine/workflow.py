@@ -548,6 +548,9 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
             task.export_onnx(final_state, config.export_onnx)
             wf.print(f"[export] final {config.sparsity_n}:{config.sparsity_m} model -> "
                      f"{config.export_onnx} (check: sparse-jax-inspect {config.export_onnx})")
+    else:  # each process's own results, so that one can check they agree
+        with open(os.path.join(workdir, f"results_process{jax.process_index()}.json"), "w") as f:
+            json.dump(results, f, indent=2)
     wf.print("")
     wf.print(report_summary(report, os.path.join(workdir, "sparsity_report.txt"),
                             task.skip_explanations))
