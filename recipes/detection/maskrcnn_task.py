@@ -22,8 +22,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recipes.engine import workflow
+from recipes.detection import (boxes as box_ops, coco_data, coco_eval, digits_detection, maskrcnn,
+                               maskrcnn_data, rcnn_ops)
+from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
+from recipes.vision import input_pipeline, weights
 
 METRIC_NAMES = ("bbox", "segm")
 
@@ -81,8 +84,6 @@ class MaskRCNNConfig(WorkflowConfig):
         return self.learning_rate_per_16 * self.batch_size / 16
 
     def model_config(self, num_classes: int):
-        from recipes.detection import maskrcnn
-
         fields = {f.name for f in dataclasses.fields(maskrcnn.ModelConfig)}
         shared = {name: getattr(self, name) for name in fields if hasattr(self, name)}
         return maskrcnn.ModelConfig(num_classes=num_classes, dtype=self.compute_dtype, **shared)
@@ -136,11 +137,6 @@ def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
         builtin_val_images=8, control=True, progress_bar=False, fast_compile=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Data:
     name: str
@@ -150,8 +146,6 @@ class Data:
 
 
 def prepare_data(config: MaskRCNNConfig, workdir: str, log: Callable = print) -> Data:
-    from recipes.detection import digits_detection, maskrcnn_data
-
     if config.data_dir:
         directory, name = config.data_dir, "coco2017"
     else:
@@ -187,11 +181,6 @@ def _transform_args(config: MaskRCNNConfig, train: bool) -> dict[str, Any]:
             "max_boxes": config.max_boxes}
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer and steps
-# ---------------------------------------------------------------------------------------------
-
-
 def learning_rate_schedule(config: MaskRCNNConfig, total_steps: int):
     """torchvision's detection reference: linear warm-up (``warmup_factor`` -> 1 over
     ``warmup_steps``) times MultiStepLR (x0.1 at ``lr_step_epochs``, as fractions of the
@@ -214,8 +203,6 @@ def create_optimizer(config: MaskRCNNConfig, total_steps: int, params, model_con
     """SGD momentum with weight decay (torch's: decay added to the gradient), frozen stages
     untouched (``optax.set_to_zero``)."""
 
-    from recipes.detection import maskrcnn
-
     def label(path, _):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         return "frozen" if maskrcnn.frozen_parameter(name, model_config) else "train"
@@ -230,9 +217,6 @@ def create_optimizer(config: MaskRCNNConfig, total_steps: int, params, model_con
 def normalize(images, image_hw, dtype):
     """uint8 canvases -> ImageNet-normalised, zero in the padding (torchvision normalises, then
     pads with 0)."""
-
-    from recipes.detection import coco_data
-    from recipes.vision import input_pipeline
 
     x = input_pipeline.normalize_images(images, coco_data.IMAGENET_MEAN, coco_data.IMAGENET_STD,
                                         jnp.float32)
@@ -250,8 +234,6 @@ def _compiler_options(config: MaskRCNNConfig, mesh) -> dict[str, Any]:
 def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
     """A jitted ``(state, batch, step, seed) -> (state, metrics)``, data parallel over ``mesh``;
     the sampling randomness comes from ``seed`` and ``step`` (a resumed run repeats it)."""
-
-    from recipes.detection import maskrcnn
 
     def train_step(state, batch, step, seed):
         key = jax.random.fold_in(jax.random.key(seed), step)
@@ -277,8 +259,6 @@ def make_inference_fns(graphdef, **jit_options):
     """Jitted ``boxes(params, stats, images, image_hw)`` and ``masks(params, stats, features,
     boxes, labels)`` (`maskrcnn.detect_boxes`, `maskrcnn.detect_masks`)."""
 
-    from recipes.detection import maskrcnn
-
     @functools.partial(jax.jit, **jit_options)
     def boxes_fn(params, batch_stats, images, image_hw):
         model = nnx.merge(graphdef, params, batch_stats)
@@ -293,11 +273,6 @@ def make_inference_fns(graphdef, **jit_options):
     return boxes_fn, masks_fn
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
 def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     """Binary ``(D, H, W)`` masks as COCO compressed RLEs (``counts`` a string)."""
     from pycocotools import mask as mask_util
@@ -310,9 +285,6 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
 
 def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_config):
     """COCO result records (boxes and RLE masks on the original images) for the val split."""
-
-    from recipes.detection import boxes as box_ops
-    from recipes.detection import coco_eval, maskrcnn, maskrcnn_data, rcnn_ops
 
     boxes_fn, masks_fn = fns
     records = []
@@ -351,8 +323,6 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
 def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
              model_config) -> dict[str, Any]:
     """bbox and segm COCO summaries (``{"bbox": AP, "segm": AP, "bbox_summary": {...}, ...}``)."""
-    from recipes.detection import coco_eval
-
     records = predict(fns, params, batch_stats, data, config, model_config)
     image_ids = [r["image_id"] for r in data.val.records]
     if config.max_eval_images > 0:
@@ -371,10 +341,6 @@ def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
 def load_dense_weights(source: str, model) -> str:
     """Dense weights into ``model``: torchvision ``.safetensors`` or a finished run."""
 
-    from recipes.detection import maskrcnn
-    from recipes.engine import checkpointing
-    from recipes.vision import weights
-
     if source.endswith(".safetensors"):
         maskrcnn.import_torchvision_state_dict(model, weights.load_safetensors(source))
         return f"torchvision weights {source}"
@@ -383,11 +349,6 @@ def load_dense_weights(source: str, model) -> str:
     nnx.replace_by_pure_dict(state, weights._deep_merge(params, batch_stats))
     nnx.update(model, state)
     return f"orbax checkpoint {where}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The workflow
-# ---------------------------------------------------------------------------------------------
 
 
 class MaskRCNNTask(workflow.Task):
@@ -423,8 +384,6 @@ class MaskRCNNTask(workflow.Task):
         return "coco2017" if args.data_dir else "digits"
 
     def setup(self) -> dict[str, Any]:
-        from recipes.detection import maskrcnn
-
         config, mesh, wf = self.config, self.wf.mesh, self.wf
         if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
             raise ValueError(f"batch_size {config.batch_size} and eval_batch_size "
@@ -463,8 +422,6 @@ class MaskRCNNTask(workflow.Task):
         return train_step
 
     def train_batches(self, phase: str, seed: int):
-        from recipes.detection import maskrcnn_data
-
         return maskrcnn_data.train_iterator(self.data.train, batch_size=self.config.batch_size,
                                             seed=seed, num_workers=self.config.num_workers,
                                             **_transform_args(self.config, train=True))
@@ -509,6 +466,4 @@ def train_and_evaluate(config: MaskRCNNConfig, workdir: str, **kwargs) -> dict[s
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.engine import cli
-
     return cli.main(MaskRCNNTask, model, description, epilog, argv)

@@ -24,8 +24,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recipes.engine import workflow
+from recipes.detection import coco_data, coco_eval, digits_detection, ssd, ssd_boxes
+from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
+from recipes.vision import input_pipeline, models, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,16 +139,7 @@ def smoke_config(config: SSDConfig) -> SSDConfig:
         checkpoint_every_steps=4, control=True, progress_bar=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, boxes, optimizer
-# ---------------------------------------------------------------------------------------------
-
-
-
 def create_model(config: SSDConfig, num_classes: int, seed: int | None = None):
-
-    from recipes.detection import ssd
-    from recipes.vision import models
 
 
     ratios = config.parsed_aspect_ratios()
@@ -164,8 +157,6 @@ def create_model(config: SSDConfig, num_classes: int, seed: int | None = None):
 
 def box_spec(config: SSDConfig, model):
     """The default-box layout for ``model``'s feature maps at ``config.image_size``."""
-    from recipes.detection import ssd, ssd_boxes
-
     sizes = ssd.feature_sizes(model, config.image_size)
     steps = config.box_steps or tuple(config.image_size / s for s in sizes)
     return ssd_boxes.DefaultBoxSpec(config.image_size, sizes, tuple(steps),
@@ -196,15 +187,7 @@ def create_optimizer(config: SSDConfig, total_steps: int):
         optax.sgd(learning_rate_schedule(config, total_steps), momentum=config.momentum))
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps
-# ---------------------------------------------------------------------------------------------
-
-
 def _normalize(images, dtype):
-    from recipes.detection import coco_data
-    from recipes.vision import input_pipeline
-
     return input_pipeline.normalize_images(images, coco_data.IMAGENET_MEAN, coco_data.IMAGENET_STD,
                                            dtype)
 
@@ -215,8 +198,6 @@ def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable
     ``batch``: uint8 images, ``boxes`` (B, max_boxes, 4) relative corners and ``labels``
     (B, max_boxes) (0: padding). Matching and encoding run on the device.
     """
-
-    from recipes.detection import ssd_boxes
 
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
@@ -253,8 +234,6 @@ def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable
 def make_predict_step(graphdef, mesh, defaults, config: SSDConfig) -> Callable:
     """A jitted ``(params, batch_stats, images) -> (boxes (B, D, 4) relative corners, scores)``."""
 
-    from recipes.detection import ssd_boxes
-
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
 
@@ -267,11 +246,6 @@ def make_predict_step(graphdef, mesh, defaults, config: SSDConfig) -> Callable:
                    out_shardings=replicated)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data and evaluation
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Data:
     train: Any  # coco_data.CocoDetectionSource
@@ -281,8 +255,6 @@ class Data:
 
 
 def prepare_data(config: SSDConfig, workdir: str, log: Callable = print) -> Data:
-    from recipes.detection import coco_data, coco_eval, digits_detection
-
     if config.data_dir:
         data_dir, name = config.data_dir, "coco2017"
     else:
@@ -305,8 +277,6 @@ def prepare_data(config: SSDConfig, workdir: str, log: Callable = print) -> Data
 def detect(predict, params, batch_stats, data: Data, config: SSDConfig, mesh
            ) -> list[dict[str, Any]]:
     """COCO result records of the validation images: decode, per-class NMS, top detections."""
-
-    from recipes.detection import coco_data, ssd_boxes
 
     records = []
     for batch in coco_data.eval_batches(data.val, image_size=config.image_size,
@@ -339,14 +309,10 @@ def evaluated_image_ids(data: Data, config: SSDConfig) -> list[int]:
 
 
 def _format_summary(summary: dict[str, float]) -> str:
-    from recipes.detection import coco_eval
-
     return str(coco_eval.CocoSummary(list(summary.values()), "bbox"))
 
 
 def _load_dense(source: str, model) -> tuple[dict, dict, str]:
-    from recipes.engine import checkpointing
-
     if source.endswith(".safetensors"):
         raise ValueError(f"--init-from {source!r}: a .safetensors file holds backbone weights; "
                          "pass it as --backbone-weights (init_from is a finished run's directory)")
@@ -406,8 +372,6 @@ class SSDTask(workflow.Task):
         return "coco2017" if args.data_dir else "digits"
 
     def setup(self) -> dict[str, Any]:
-        from recipes.detection import ssd, ssd_boxes
-
         config, mesh, wf = self.config, self.wf.mesh, self.wf
         if config.distributed:
             raise NotImplementedError("the SSD recipe evaluates on one host: run it on one host "
@@ -421,8 +385,6 @@ class SSDTask(workflow.Task):
         self.spec = spec = box_spec(config, model)
         self.defaults = ssd_boxes.default_boxes(spec)
         if config.backbone_weights:
-            from recipes.vision import weights
-
             loaded = ssd.import_torchvision_backbone(model, weights.load_safetensors(
                 config.backbone_weights))
             wf.print(f"[dense] backbone: {loaded} tensors of torchvision ResNet-50 weights "
@@ -451,8 +413,6 @@ class SSDTask(workflow.Task):
         return lambda state, batch, step, phase: step_fn(state, batch)
 
     def train_batches(self, phase: str, seed: int):
-        from recipes.detection import coco_data
-
         config = self.config
         aug = coco_data.Augmentation(expand_probability=config.expand_probability,
                                      max_expand_ratio=config.max_expand_ratio,
@@ -484,8 +444,6 @@ class SSDTask(workflow.Task):
 
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
         """bbAP and the 12-number summary; writes the detections to detections_<phase>.json."""
-        from recipes.detection import coco_eval
-
         detections = detect(self.predict, state["params"], state["batch_stats"], self.data,
                             self.config, self.wf.mesh)
         summary = coco_eval.evaluate(self.data.ground_truth, detections, "bbox",
@@ -528,6 +486,4 @@ def train_and_evaluate(config: SSDConfig, workdir: str, **kwargs) -> dict[str, A
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.engine import cli
-
     return cli.main(SSDTask, model, description, epilog, argv)

@@ -32,7 +32,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import sparse_jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from recipes.engine import checkpointing, metrics
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "curves.png", "sparsity_report.txt")
 PRUNING_METHODS = ("magnitude",)
@@ -159,17 +165,10 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
 
 
-# ---------------------------------------------------------------------------------------------
-# Devices and batches
-# ---------------------------------------------------------------------------------------------
-
-
 def initialize_distributed(config: WorkflowConfig) -> None:
     """``jax.distributed.initialize`` with the explicit coordinator, process count and id
     (options, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``);
     with none of them, JAX's own cluster detection (SLURM, Open MPI, ...)."""
-    import jax
-
     address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     count = config.num_processes if config.num_processes >= 0 else int(
         os.environ.get("JAX_NUM_PROCESSES", -1))
@@ -196,9 +195,6 @@ def _has_accelerator() -> bool:
 
 def create_mesh(num_devices: int = -1):
     """A 1-D ``("data",)`` mesh over all devices, or the first ``num_devices`` local ones."""
-    import jax
-    from jax.sharding import Mesh
-
     if num_devices is None or num_devices < 0:
         devices = jax.devices()
     else:
@@ -214,10 +210,6 @@ def create_mesh(num_devices: int = -1):
 
 def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict:
     """This process's part of a global batch -> global arrays split along ``"data"``."""
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     sharding = NamedSharding(mesh, P("data"))
     return {key: jax.make_array_from_process_local_data(sharding, value)
             for key, value in batch.items()}
@@ -225,9 +217,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict:
 
 def shardings(mesh):
     """(replicated, split along "data") shardings of ``mesh``."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
@@ -260,11 +249,6 @@ def phase_steps(config, num_train: int) -> int:
     return max(1, int(config.num_epochs * num_train // config.batch_size))
 
 
-# ---------------------------------------------------------------------------------------------
-# One phase
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Workflow:
     """What every phase shares (``checkpointing.open_phase`` reads ``workdir``, ``config``,
@@ -278,14 +262,11 @@ class Workflow:
     steps_done: int = 0
 
     def print(self, *args) -> None:
-        import jax
-
         if jax.process_index() == 0:
             print(*args, flush=True)
 
 
 def _progress_bar(total: int, initial: int, description: str, enabled: bool):
-    import jax
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True,
@@ -298,10 +279,6 @@ def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable, batch
     phase, step) -> (record, final result)``; None: no evaluation). With ``resume``, continues
     from the phase's latest checkpoint (state, data position, step); a finished phase is restored
     without running a step. Returns the final state and progress (``progress["eval"]``)."""
-    import jax
-
-    from recipes.engine import checkpointing
-
     config = wf.config
     progress = {"phase": phase, "step": 0, "total_steps": total_steps, "seconds": 0.0, "eval": None}
     has_state = hasattr(batches, "get_state")
@@ -353,17 +330,10 @@ def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable, batch
     return state, progress
 
 
-# ---------------------------------------------------------------------------------------------
-# The workflow
-# ---------------------------------------------------------------------------------------------
-
-
 def prepare_workdir(workdir: str, resume: bool, overwrite: bool,
                     outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
     """Creates ``workdir``; a finished run's ``outputs`` are removed (or an unfinished run's, with
     ``overwrite``) unless resuming. An unfinished run is never lost silently."""
-    import jax
-
     checkpoints = os.path.join(workdir, "checkpoints")
     if os.path.isdir(checkpoints) and not resume:
         finished = os.path.exists(os.path.join(workdir, "results.json"))
@@ -383,10 +353,6 @@ def prepare_workdir(workdir: str, resume: bool, overwrite: bool,
 
 def exactly_masked(params, masks) -> bool:
     """Whether ``params`` already equal ``sparse_jax.apply_masks(params, masks)``, bit for bit."""
-    import jax
-
-    import sparse_jax
-
     remasked = jax.jit(sparse_jax.apply_masks)(params, masks)
     return all(np.array_equal(p, a) for p, a in zip(
         jax.device_get(jax.tree.leaves(params)), jax.device_get(jax.tree.leaves(remasked))))
@@ -394,10 +360,6 @@ def exactly_masked(params, masks) -> bool:
 
 def prune(config, params, rules=None):
     """(pruned params, masks) by ``config.pruning`` ("magnitude": ``sparse_jax.prune``)."""
-    import jax
-
-    import sparse_jax
-
     if config.pruning not in PRUNING_METHODS:
         raise ValueError(f"pruning {config.pruning!r}: expected one of {PRUNING_METHODS}")
     return jax.jit(functools.partial(sparse_jax.prune, n=config.sparsity_n, m=config.sparsity_m,
@@ -430,12 +392,6 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     Returns:
         The dict written to ``results.json``.
     """
-    import jax
-    import jax.numpy as jnp
-
-    import sparse_jax
-    from recipes.engine import metrics
-
     started, cpu_started = time.time(), _cpu_seconds()
     if config.distributed:
         initialize_distributed(config)

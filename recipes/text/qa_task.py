@@ -24,13 +24,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from recipes.engine import checkpointing, workflow
+from recipes.engine import checkpointing, cli, workflow
 from recipes.text import bert, bert_configs, qa_data, squad
 from recipes.text.bert_configs import QAConfig
-
-# ---------------------------------------------------------------------------------------------
-# Model and data
-# ---------------------------------------------------------------------------------------------
 
 
 def model_config(config: QAConfig, base: bert.BertConfig | None = None) -> bert.BertConfig:
@@ -113,11 +109,6 @@ def stream_batch(task: QAData, config: QAConfig, step: int, seed: int) -> dict[s
                          "questions have a window holding their answer; raise max_seq_length")
     return {k: arrays[k][rows] for k in ("input_ids", "token_type_ids", "attention_mask",
                                          "start_positions", "end_positions")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer and steps
-# ---------------------------------------------------------------------------------------------
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -223,7 +214,6 @@ def evaluate(logits_fn: Callable, params, task: QAData, config: QAConfig, mesh: 
     return {**scores, "count": len(task.eval_examples), "predictions": predictions}
 
 
-
 def _epoch_batch(arrays: dict[str, np.ndarray], batch_size: int, seed: int, step: int):
     """The ``step``-th training batch: a fresh permutation per epoch, so a resumed run needs
     only the step to continue with the same batches."""
@@ -235,7 +225,6 @@ def _epoch_batch(arrays: dict[str, np.ndarray], batch_size: int, seed: int, step
     order = np.random.default_rng([seed, epoch]).permutation(count)
     rows = order[index * batch_size:(index + 1) * batch_size]
     return {k: v[rows] for k, v in arrays.items()}
-
 
 
 def is_hf_checkpoint(path: str | None) -> bool:
@@ -263,7 +252,6 @@ def _load_fine_tuned(source: str, like: dict) -> tuple[dict, str]:
     return state["params"], f"{ckpt_dir}/{step}"
 
 
-
 def export_onnx(mcfg: bert.BertConfig, params, max_seq_length: int, path: str) -> None:
     """Writes the span-prediction model to ONNX: float32 (TensorRT picks its own precision), eval
     mode, inputs ``input_ids``, ``token_type_ids``, ``attention_mask`` of ``[1, max_seq_length]``
@@ -276,7 +264,6 @@ def export_onnx(mcfg: bert.BertConfig, params, max_seq_length: int, path: str) -
     example = jax.ShapeDtypeStruct((1, max_seq_length), jnp.int32)
     sparse_jax.export.to_onnx(model, [example] * 3, path,
                               input_names=["input_ids", "token_type_ids", "attention_mask"])
-
 
 
 class QuestionAnsweringTask(workflow.Task):
@@ -488,6 +475,4 @@ def train_and_evaluate(config: QAConfig, workdir: str, **kwargs) -> dict[str, An
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.engine import cli
-
     return cli.main(QuestionAnsweringTask, model, description, epilog, argv)

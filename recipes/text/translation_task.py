@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from recipes.engine import workflow
+from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
+from recipes.text import beam_search, transformer, translation_data as td
 
 # Which leaves 2:4 pruning touches, first match wins (see sparse_jax.plan_tree). Forcing axis 0
 # (the input axis of an (in, out) kernel) makes a renamed or reshaped projection fail loudly.
@@ -95,8 +98,6 @@ class TranslationConfig(WorkflowConfig):
     checkpoint_every_steps: int = 5000
 
     def model_config(self, vocab_size: int):
-        from recipes.text import transformer
-
         overrides = {name: getattr(self, name) for name in
                      ("d_model", "ffn_dim", "num_heads", "encoder_layers", "decoder_layers",
                       "dropout") if getattr(self, name) is not None}
@@ -128,11 +129,6 @@ def smoke_config(config: TranslationConfig) -> TranslationConfig:
         warmup_steps=4, num_train_steps=6, eval_every_steps=3, log_every_steps=2,
         checkpoint_every_steps=3, max_eval_sentences=16, eval_batch_size=16, max_train_pairs=300,
         max_length_a=0.0, max_length_b=12, spm_train_sentences=10_000, progress_bar=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedule, loss, steps
-# ---------------------------------------------------------------------------------------------
 
 
 def inverse_sqrt_schedule(config: TranslationConfig):
@@ -216,8 +212,6 @@ def make_loss_step(graphdef, mesh, config: TranslationConfig, pad_id: int) -> Ca
 def make_translate_fn(graphdef, config: TranslationConfig, ids: dict[str, int]) -> Callable:
     """A jitted ``(params, src (B, S)) -> tokens (B, max_length)``: beam search with a KV cache."""
 
-    from recipes.text import beam_search
-
     @functools.partial(jax.jit, static_argnames=("max_length",))
     def translate(params, src, max_length):
         model = nnx.merge(graphdef, params)
@@ -258,11 +252,6 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, st
     return float(score.score), str(metric.get_signature())
 
 
-# ---------------------------------------------------------------------------------------------
-# Data and evaluation
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Data:
     processor: Any
@@ -274,8 +263,6 @@ class Data:
 
 def prepare_data(config: TranslationConfig, workdir: str, log: Callable = print) -> Data:
     """Reads (or builds) the corpus, loads or trains the joint sentencepiece model, tokenises."""
-    from recipes.text import translation_data as td
-
     if config.data_dir:
         texts = {split: td.read_parallel(config.data_dir, split, config.source_lang,
                                          config.target_lang,
@@ -324,8 +311,6 @@ def prepare_data(config: TranslationConfig, workdir: str, log: Callable = print)
 def validation_loss(loss_step, params, pairs, config: TranslationConfig, mesh) -> float:
     """Mean per-token NLL of the reference translations (teacher forcing, no dropout)."""
 
-    from recipes.text import translation_data as td
-
     rows = max(mesh.size, config.eval_batch_size - config.eval_batch_size % mesh.size)
     total, count = 0.0, 0.0
     for _, batch in td.eval_batches(pairs, config.buckets, rows):
@@ -337,8 +322,6 @@ def validation_loss(loss_step, params, pairs, config: TranslationConfig, mesh) -
 def translate_and_score(translate, params, data: Data, config: TranslationConfig
                         ) -> dict[str, Any]:
     """Beam-search translations of the test set, detokenised by sentencepiece, and their BLEU."""
-
-    from recipes.text import translation_data as td
 
     pairs = data.test
     hypotheses = [""] * len(pairs)
@@ -355,13 +338,8 @@ def translate_and_score(translate, params, data: Data, config: TranslationConfig
             "sentences": len(pairs)}
 
 
-
 def load_dense_params(source: str, like_params: dict) -> tuple[dict, str]:
     """The dense parameters of a finished run (its ``checkpoints/dense``) or of one step directory."""
-    import re
-
-    from recipes.engine import checkpointing
-
     source = os.path.abspath(source)
     if os.path.isdir(os.path.join(source, "checkpoints", "dense")):
         source = os.path.join(source, "checkpoints", "dense")
@@ -374,7 +352,6 @@ def load_dense_params(source: str, like_params: dict) -> tuple[dict, str]:
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"init_from {source!r}: no checkpoint steps found")
-    import orbax.checkpoint as ocp
 
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(checkpointing._abstract(like_params))))
@@ -388,7 +365,6 @@ def export_onnx(model_cfg, params, length: int, path: str) -> None:
     (TensorRT picks its own precision). Beam search stays outside the graph."""
 
     import sparse_jax.export  # needs the export extra (jax2onnx)
-    from recipes.text import transformer
 
     float32_cfg = dataclasses.replace(model_cfg, dtype="float32")
     graphdef, _ = nnx.split(transformer.Transformer(float32_cfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -396,7 +372,6 @@ def export_onnx(model_cfg, params, length: int, path: str) -> None:
     example = jax.ShapeDtypeStruct((1, length), np.int32)
     sparse_jax.export.to_onnx(model, [example, example], path,
                               input_names=["src_tokens", "prev_output_tokens"])
-
 
 
 class TranslationTask(workflow.Task):
@@ -443,7 +418,6 @@ class TranslationTask(workflow.Task):
         if config.eval_batch_size % mesh.size:
             raise ValueError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the "
                              f"{mesh.size} devices")
-        from recipes.text import transformer
 
         self.data = prepare_data(config, self.workdir, log=wf.print)
         self.dataset_name = self.data.name
@@ -478,14 +452,10 @@ class TranslationTask(workflow.Task):
         return create_optimizer(self.config)
 
     def train_step(self, tx):
-        from recipes.text import translation_data as td
-
         step_fn = make_train_step(self.graphdef, tx, self.wf.mesh, self.config, td.PAD_ID)
         return lambda state, batch, step, phase: step_fn(state, batch, np.int32(step))
 
     def train_batches(self, phase: str, seed: int):
-        from recipes.text import translation_data as td
-
         source = td.TokenBatchSource(self.data.train, self.config.buckets, self.config.max_tokens,
                                      seed, num_epochs=1,
                                      rows_multiple_of=self.wf.mesh.size // jax.process_count(),
@@ -555,6 +525,4 @@ def train_and_evaluate(config: TranslationConfig, workdir: str, **kwargs) -> dic
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.engine import cli
-
     return cli.main(TranslationTask, model, description, epilog, argv)

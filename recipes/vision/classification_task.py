@@ -17,16 +17,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from recipes.engine import workflow
-from recipes.vision import input_pipeline, model_configs, models, weights
+from recipes.engine import cli, workflow
+from recipes.vision import input_pipeline, model_configs, models, weights, xception
 from recipes.vision.configs import Config
 
 
 def create_model(config: Config, info: input_pipeline.DatasetInfo, seed: int | None = None):
     """The NNX model ``config.model`` names, for the dataset's classes and channels."""
     if config.model == "xception":
-        from recipes.vision import xception
-
         return xception.create_model(config, info, seed)
     if config.model not in models.MODELS:
         raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(models.MODELS)}")
@@ -277,7 +275,5 @@ def train_and_evaluate(config: Config, workdir: str, **kwargs) -> dict[str, Any]
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
-    from recipes.engine import cli
-
     return cli.main(ClassificationTask, model, description, epilog, argv)
 
