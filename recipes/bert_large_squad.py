@@ -42,7 +42,9 @@ Start from a fine-tuned model instead (skips dense fine-tuning):
   --init-from runs/bert_large_squad                                           (a finished run)
 
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
 Every code path, fast:   python recipes/bert_large_squad.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,
                          checkpoints/{pretrain,dense,retrain,control}/<step>/,

@@ -45,7 +45,9 @@ Start from torchvision's trained weights (skips the dense 26 epochs; one-shot an
   or from a finished run:  --init-from runs/maskrcnn_coco  (its dense checkpoint)
 
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
 Every code path, fast:   python recipes/maskrcnn_rn50.py --smoke
 Outputs (in --workdir):  results.json (bbox AP as the metric, mask AP beside it), metrics.jsonl,
                          curves.png, sparsity_report.txt, checkpoints/{dense,retrain,control}/<step>/

@@ -33,7 +33,9 @@ Start from torchvision's dense weights instead of training them (skips the dense
   or from a finished run:  --init-from runs/resnet50_imagenet  (its dense checkpoint)
 
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
                          (jax.distributed.initialize; the global batch is split over all GPUs)
 Every code path, fast:   python recipes/resnet50.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,

@@ -44,7 +44,9 @@ Table 2 (Transformer big on WMT14 EN-DE: dense 28.2 / 2:4 sparse 28.5 BLEU) on o
 Start from a finished dense run instead of training (skips the dense phase):
   python recipes/transformer_wmt.py --data-dir /data/wmt14_en_de --init-from runs/transformer_wmt14
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
 The base model:          --size base (transformer_wmt_en_de: d_model 512, FFN 2048, 8 heads)
 Every code path, fast:   python recipes/transformer_wmt.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,

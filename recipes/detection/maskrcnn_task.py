@@ -360,17 +360,12 @@ class MaskRCNNTask(workflow.Task):
     set_example = "--set train_min_sizes=480,512,544,576,608,640,672,704,736,768,800"
     control_help = "on by default for the built-in set, off for COCO"
     options = (
-        ("--data-dir", "data_dir", None, "COCO 2017 directory (train2017/, val2017/, annotations/"
-         "instances_{train,val}2017.json); selects the full recipe. Without it: the built-in "
-         "digits detection set"),
+        cli.COCO_DATA_DIR,
         ("--init-from", "init_from", None, "dense weights instead of dense training: torchvision "
          "maskrcnn_resnet50_fpn weights as .safetensors, or a finished run"),
-        ("--batch-size", "batch_size", int, "global batch, split over all devices (full recipe: "
-         "16; the learning rate scales with it)"),
-        ("--epochs", "num_epochs", float, "epochs of each phase (full recipe: 26)"),
-        ("--steps", "num_train_steps", int, "steps of each phase (overrides --epochs)"),
+        cli.batch_size_option("16"), cli.epochs_option("26"), cli.STEPS,
         ("--lr", "learning_rate_per_16", float, "learning rate per 16 images (default 0.02)"),
-        ("--workers", "num_workers", int, "grain worker processes (full recipe: 8)"),
+        cli.workers_option(),
     )
 
     @staticmethod
@@ -385,9 +380,6 @@ class MaskRCNNTask(workflow.Task):
 
     def setup(self) -> dict[str, Any]:
         config, mesh, wf = self.config, self.wf.mesh, self.wf
-        if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-            raise ValueError(f"batch_size {config.batch_size} and eval_batch_size "
-                             f"{config.eval_batch_size} must be multiples of the {mesh.size} devices")
         data = self.data = prepare_data(config, self.workdir)
         self.dataset_name = data.name
         self.model_config = config.model_config(data.num_classes)

@@ -343,22 +343,16 @@ class SSDTask(workflow.Task):
     set_example = "--set max_eval_images=500 --set compute_dtype=float32"
     control_help = "off by default"
     options = (
-        ("--data-dir", "data_dir", None, "COCO 2017 directory (train2017/, val2017/, annotations/"
-         "instances_{train,val}2017.json); selects the full recipe. Without it: the built-in "
-         "digits set"),
+        cli.COCO_DATA_DIR,
         ("--backbone-weights", "backbone_weights", None, "torchvision ResNet-50 ImageNet weights as "
          ".safetensors (torchvision key names) for the backbone (NVIDIA's start)"),
         ("--init-from", "init_from", None, "a finished run directory (or its checkpoints/dense/"
          "<step>) whose dense SSD replaces dense training"),
-        ("--batch-size", "batch_size", int, "global batch, split over all devices (full recipe: "
-         "256 = 8 x 32; the learning rate scales with it)"),
-        ("--epochs", "num_epochs", float, "epochs of each phase (full recipe: 65)"),
-        ("--steps", "num_train_steps", int, "steps of each phase (overrides --epochs)"),
+        cli.batch_size_option("256 = 8 x 32"), cli.epochs_option("65"), cli.STEPS,
         ("--lr", "learning_rate_per_32", float, "learning rate per 32 images (default 2.6e-3)"),
-        ("--workers", "num_workers", int, "grain worker processes (full recipe: 8)"),
-        ("--export-onnx", "export_onnx", None, "also export the final 2:4 network (eval mode, "
-         "float32, box offsets and class logits; decoding and NMS outside) to ONNX for "
-         "TensorRT; needs the export extra (see README); check it with sparse-jax-inspect PATH"),
+        cli.workers_option(),
+        cli.export_option("the final 2:4 network (eval mode, float32, box offsets and class "
+                          "logits; decoding and NMS outside)"),
     )
 
     @staticmethod
@@ -376,9 +370,6 @@ class SSDTask(workflow.Task):
         if config.distributed:
             raise NotImplementedError("the SSD recipe evaluates on one host: run it on one host "
                                       "with all its GPUs (--devices N), without --distributed")
-        if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-            raise ValueError(f"batch_size {config.batch_size} and eval_batch_size "
-                             f"{config.eval_batch_size} must be multiples of the {mesh.size} devices")
         data = self.data = prepare_data(config, self.workdir, log=wf.print)
         self.dataset_name = data.name
         self.model = model = create_model(config, data.train.num_classes)

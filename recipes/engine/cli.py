@@ -14,6 +14,32 @@ import time
 import typing
 
 
+STEPS = ("--steps", "num_train_steps", int, "steps of each phase (overrides --epochs)")
+
+
+def batch_size_option(full: str) -> tuple:
+    return ("--batch-size", "batch_size", int, f"global batch, split over all devices (full "
+            f"recipe: {full}; the learning rate scales with it)")
+
+
+def epochs_option(full: str) -> tuple:
+    return ("--epochs", "num_epochs", float, f"epochs of each phase (full recipe: {full})")
+
+
+def workers_option(full: str = "8") -> tuple:
+    return ("--workers", "num_workers", int, f"grain worker processes (full recipe: {full})")
+
+
+def export_option(what: str) -> tuple:
+    return ("--export-onnx", "export_onnx", None, f"also export {what} to ONNX for TensorRT; "
+            "needs the export extra (see README); check it with sparse-jax-inspect PATH")
+
+
+COCO_DATA_DIR = ("--data-dir", "data_dir", None, "COCO 2017 directory (train2017/, val2017/, "
+                 "annotations/instances_{train,val}2017.json); selects the full recipe. Without "
+                 "it: the built-in digits set")
+
+
 def parse_field_value(config_type: type, name: str, text: str):
     """``text`` from ``--set name=text`` as the type of ``config_type``'s field ``name``."""
     kind = typing.get_type_hints(config_type)[name]

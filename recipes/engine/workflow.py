@@ -401,6 +401,10 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json())
     mesh = create_mesh(config.devices)
+    for name in ("batch_size", "eval_batch_size"):  # the fields of the tasks that have them
+        if getattr(config, name, mesh.size) % mesh.size:
+            raise ValueError(f"{name} {getattr(config, name)} must be a multiple of the "
+                             f"{mesh.size} devices")
     log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     wf = Workflow(config, workdir, mesh, log, task_class.phases)
     task = wf.task = task_class(config, workdir, wf)

@@ -293,9 +293,7 @@ class QuestionAnsweringTask(workflow.Task):
          "task makes fresh questions every step: use --steps)"),
         ("--steps", "num_train_steps", int, "steps of each fine-tuning phase"),
         ("--lr", "learning_rate", float, "peak AdamW learning rate"),
-        ("--export-onnx", "export_onnx", None, "also export the final 2:4 model (float32, "
-         "[1, max_seq_length] int32 inputs) to ONNX for TensorRT; needs the export extra (see "
-         "README); check it with sparse-jax-inspect PATH"),
+        cli.export_option("the final 2:4 model (float32, [1, max_seq_length] int32 inputs)"),
     )
 
     @staticmethod
@@ -321,10 +319,9 @@ class QuestionAnsweringTask(workflow.Task):
 
     def setup(self) -> dict[str, Any]:
         config, mesh, wf = self.config, self.wf.mesh, self.wf
-        for name in ("batch_size", "eval_batch_size") + (("pretrain_batch_size",) if config.builtin else ()):
-            if getattr(config, name) % mesh.size:
-                raise ValueError(f"{name} {getattr(config, name)} must be a multiple of the "
-                                 f"{mesh.size} devices")
+        if config.builtin and config.pretrain_batch_size % mesh.size:
+            raise ValueError(f"pretrain_batch_size {config.pretrain_batch_size} must be a "
+                             f"multiple of the {mesh.size} devices")
         # The architecture: a Hugging Face checkpoint's config, or a named size.
         hf_dir = config.checkpoint or (config.init_from if is_hf_checkpoint(config.init_from) else None)
         hf_config, self.hf_state, vocab_path = None, None, None

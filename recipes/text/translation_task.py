@@ -397,10 +397,8 @@ class TranslationTask(workflow.Task):
          "(full recipe: 28672 = 3584 x 8)"),
         ("--steps", "num_train_steps", int, "steps of each phase (dense and retrain)"),
         ("--lr", "learning_rate", float, "peak learning rate after the warm-up"),
-        ("--workers", "num_workers", int, "grain worker processes (WMT: 8)"),
-        ("--export-onnx", "export_onnx", None, "also export the final 2:4 model (teacher-forced "
-         "forward, float32) to ONNX for TensorRT; needs the export extra (see README); check it "
-         "with sparse-jax-inspect PATH"),
+        cli.workers_option(),
+        cli.export_option("the final 2:4 model (teacher-forced forward, float32)"),
     )
 
     @staticmethod
@@ -415,9 +413,6 @@ class TranslationTask(workflow.Task):
 
     def setup(self) -> dict[str, Any]:
         config, mesh, wf = self.config, self.wf.mesh, self.wf
-        if config.eval_batch_size % mesh.size:
-            raise ValueError(f"eval_batch_size {config.eval_batch_size} must be a multiple of the "
-                             f"{mesh.size} devices")
 
         self.data = prepare_data(config, self.workdir, log=wf.print)
         self.dataset_name = self.data.name

@@ -138,18 +138,15 @@ class ClassificationTask(workflow.Task):
         ("--init-from", "init_from", None, "dense weights instead of dense training: an orbax "
          "checkpoint (a run directory or checkpoint step) or torchvision weights as "
          ".safetensors with torchvision key names"),
-        ("--batch-size", "batch_size", int, "global batch, split over all devices (full recipe: "
-         "256; the learning rate scales with it)"),
+        cli.batch_size_option("256"),
         ("--epochs", "num_epochs", float, "epochs of each phase (dense and retrain; full recipe: "
          "90, lr steps every third of it unless --set lr_step_epochs=)"),
-        ("--steps", "num_train_steps", int, "steps of each phase (overrides --epochs)"),
+        cli.STEPS,
         ("--lr", "learning_rate_per_256", float, "learning rate per 256 images (default 0.1)"),
-        ("--workers", "num_workers", int, "grain worker processes (full recipe: 8)"),
+        cli.workers_option(),
         ("--skip-bad-images", "skip_bad_images", bool, "skip images that cannot be decoded "
          "(count them and list their paths) instead of stopping at the first one"),
-        ("--export-onnx", "export_onnx", None, "also export the final 2:4 model (eval mode, "
-         "float32 NHWC input) to ONNX for TensorRT; needs the export extra (see README); check "
-         "it with sparse-jax-inspect PATH"),
+        cli.export_option("the final 2:4 model (eval mode, float32 NHWC input)"),
     )
 
     @staticmethod
@@ -165,9 +162,6 @@ class ClassificationTask(workflow.Task):
 
     def setup(self) -> dict[str, Any]:
         config, mesh = self.config, self.wf.mesh
-        if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-            raise ValueError(f"batch_size {config.batch_size} and eval_batch_size "
-                             f"{config.eval_batch_size} must be multiples of the {mesh.size} devices")
         self.skipped_log = os.path.join(self.workdir, "skipped_images.txt")
         self.datasets = input_pipeline.create_datasets(
             config, skipped_log=self.skipped_log if config.skip_bad_images else None)
