@@ -137,20 +137,14 @@ def _cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_qa_train_step(graphdef, tx, mesh: Mesh) -> Callable:
-    """``(state, batch, rng) -> (state, metrics)``: mean of the start and end cross-entropies."""
+def _make_train_step(graphdef, tx, mesh: Mesh, loss_and_accuracy: Callable) -> Callable:
+    """``(state, batch, rng) -> (state, metrics)`` minimising ``loss_and_accuracy(model, batch,
+    rng) -> (loss, accuracy)``."""
     replicated, data = workflow.shardings(mesh)
 
     def step(state, batch, rng):
         def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            start, end = model(batch["input_ids"], batch["token_type_ids"],
-                               batch["attention_mask"], dropout_rng=rng)
-            losses = (_cross_entropy(start, batch["start_positions"])
-                      + _cross_entropy(end, batch["end_positions"])) / 2
-            hits = ((jnp.argmax(start, -1) == batch["start_positions"])
-                    & (jnp.argmax(end, -1) == batch["end_positions"]))
-            return jnp.mean(losses), jnp.mean(hits)
+            return loss_and_accuracy(nnx.merge(graphdef, params), batch, rng)
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -162,28 +156,26 @@ def make_qa_train_step(graphdef, tx, mesh: Mesh) -> Callable:
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def make_mlm_train_step(graphdef, tx, mesh: Mesh) -> Callable:
-    replicated, data = workflow.shardings(mesh)
+def span_loss(model, batch, rng):
+    """Mean of the start and end cross-entropies, and the share of exactly found spans."""
+    start, end = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                       dropout_rng=rng)
+    losses = (_cross_entropy(start, batch["start_positions"])
+              + _cross_entropy(end, batch["end_positions"])) / 2
+    hits = ((jnp.argmax(start, -1) == batch["start_positions"])
+            & (jnp.argmax(end, -1) == batch["end_positions"]))
+    return jnp.mean(losses), jnp.mean(hits)
 
-    def step(state, batch, rng):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                           batch["masked_positions"], dropout_rng=rng)
-            weights = batch["masked_weights"]
-            losses = _cross_entropy(logits, batch["masked_ids"])
-            hits = jnp.argmax(logits, -1) == batch["masked_ids"]
-            total = jnp.maximum(jnp.sum(weights), 1.0)
-            return jnp.sum(losses * weights) / total, jnp.sum(hits * weights) / total
 
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {**state, "params": params, "opt_state": opt_state}, {"loss": loss,
-                                                                      "accuracy": accuracy}
-
-    return jax.jit(step, in_shardings=(replicated, data, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+def masked_lm_loss(model, batch, rng):
+    """Mean cross-entropy and accuracy over the masked positions."""
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                   batch["masked_positions"], dropout_rng=rng)
+    weights = batch["masked_weights"]
+    losses = _cross_entropy(logits, batch["masked_ids"])
+    hits = jnp.argmax(logits, -1) == batch["masked_ids"]
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(losses * weights) / total, jnp.sum(hits * weights) / total
 
 
 def make_logits_fn(graphdef, mesh: Mesh) -> Callable:
@@ -400,7 +392,7 @@ class QuestionAnsweringTask(workflow.Task):
                      f"tokens, {config.pretrain_steps} steps of {config.pretrain_batch_size}")
             mlm_state = {"params": mlm_params, "opt_state": tx.init(mlm_params)}
             mlm_state, _ = workflow.run_phase(
-                wf, "pretrain", mlm_state, self._with_rng(make_mlm_train_step(graphdef, tx, wf.mesh)),
+                wf, "pretrain", mlm_state, self._with_rng(_make_train_step(graphdef, tx, wf.mesh, masked_lm_loss)),
                 workflow.StepBatches(next_batch), config.pretrain_steps, None, resume)
             params["bert"] = mlm_state["params"]["bert"]
             self.extra_steps["pretrain"] = config.pretrain_steps
@@ -423,7 +415,7 @@ class QuestionAnsweringTask(workflow.Task):
                                 config.warmup_fraction)
 
     def train_step(self, tx):
-        return self._with_rng(make_qa_train_step(self.graphdef, tx, self.wf.mesh))
+        return self._with_rng(_make_train_step(self.graphdef, tx, self.wf.mesh, span_loss))
 
     def train_batches(self, phase: str, seed: int):
         if self.data.train_stream is not None:
