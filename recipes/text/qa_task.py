@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -233,15 +234,8 @@ def _load_fine_tuned(source: str, like: dict) -> tuple[dict, str]:
             raise ValueError(f"--init-from {source}: no qa_outputs (span head); pass a fine-tuned "
                              "checkpoint, or a pre-trained one with --checkpoint")
         return params, f"Hugging Face checkpoint {source}"
-    ckpt_dir = os.path.join(source, "checkpoints", "dense") if os.path.isdir(
-        os.path.join(source, "checkpoints", "dense")) else source
-    manager = checkpointing.PhaseCheckpoints(ckpt_dir)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"--init-from {source}: no dense checkpoint found")
-    state, _ = manager.restore(step, {"params": like})
-    manager.close()
-    return state["params"], f"{ckpt_dir}/{step}"
+    restored, where = checkpointing.load_dense_state(source, {"params": like})
+    return restored["params"], where
 
 
 def export_onnx(mcfg: bert.BertConfig, params, max_seq_length: int, path: str) -> None:
@@ -321,6 +315,10 @@ class QuestionAnsweringTask(workflow.Task):
             hf_config, self.hf_state, vocab_path = bert.load_hf_checkpoint(hf_dir)
         self.hf_dir = hf_dir
         mcfg = model_config(config, hf_config)
+        run_vocab = os.path.join(config.init_from or "", "vocab.txt")
+        if config.builtin and config.init_from and os.path.isfile(run_vocab) and \
+                not os.path.exists(os.path.join(self.workdir, "vocab.txt")):
+            shutil.copy(run_vocab, self.workdir)  # a finished built-in run: its own vocabulary
         data = self.data = load_task(config, self.workdir, vocab_path)
         self.dataset_name = data.name
         if mcfg.vocab_size != data.tokenizer.get_vocab_size():

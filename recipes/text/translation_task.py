@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from recipes.engine import checkpointing, cli, workflow
@@ -338,27 +336,6 @@ def translate_and_score(translate, params, data: Data, config: TranslationConfig
             "sentences": len(pairs)}
 
 
-def load_dense_params(source: str, like_params: dict) -> tuple[dict, str]:
-    """The dense parameters of a finished run (its ``checkpoints/dense``) or of one step directory."""
-    source = os.path.abspath(source)
-    if os.path.isdir(os.path.join(source, "checkpoints", "dense")):
-        source = os.path.join(source, "checkpoints", "dense")
-    step = None
-    if re.fullmatch(r"\d+", os.path.basename(source)):
-        source, step = os.path.dirname(source), int(os.path.basename(source))
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"init_from {source!r}: no such checkpoint directory")
-    ckpt = checkpointing.PhaseCheckpoints(source)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"init_from {source!r}: no checkpoint steps found")
-
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(checkpointing._abstract(like_params))))
-    ckpt.close()
-    return restored["params"], os.path.join(source, str(step))
-
-
 def export_onnx(model_cfg, params, length: int, path: str) -> None:
     """Writes the teacher-forced forward pass to ONNX: inputs ``src_tokens`` and
     ``prev_output_tokens`` (int32 ``[1, length]``, padded), output the next-token logits; float32
@@ -489,8 +466,7 @@ class TranslationTask(workflow.Task):
         return {"split": "valid", "loss": result["valid_nll"], "metric": result["bleu"]}
 
     def load_dense(self, source: str, state: dict[str, Any]):
-        params, where = load_dense_params(source, state["params"])
-        return {"params": params}, where
+        return checkpointing.load_dense_state(source, {"params": state["params"]})
 
     def extra_results(self, evals):
         config = self.config
