@@ -25,6 +25,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
+from recipes.engine import workflow  # noqa: E402
 from recipes.text import beam_search, transformer, translation_task  # noqa: E402
 from recipes.text import translation_data as td  # noqa: E402
 
@@ -436,7 +437,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     config = translation_task.smoke_config(translation_task.builtin_config())
     whole = translation_task.train_and_evaluate(config, str(tmp_path / "whole"))
     interrupted = config.replace(interrupt_after_steps=8)  # in the middle of retraining
-    with pytest.raises(translation_task.Interrupted):
+    with pytest.raises(workflow.Interrupted):
         translation_task.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
     resumed = translation_task.train_and_evaluate(config, str(tmp_path / "resumed"), resume=True)
     for key in ("dense", "one_shot", "sparse", "control"):
