@@ -518,7 +518,8 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     wf.print(results_table(task, results))
     wf.print(f"\nwrote {workdir}/results.json, metrics.jsonl, curves.png, sparsity_report.txt, "
              f"checkpoints/ (sparse model: checkpoints/retrain/{steps})"
-             + "".join(f", {name}" for name in task.outputs))
+             + "".join(f", {name}" for name in task.outputs
+                       if os.path.exists(os.path.join(workdir, name))))
     return results
 
 
