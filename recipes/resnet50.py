@@ -8,12 +8,12 @@ runs the real ImageNet recipe (Table 2 of NVIDIA's "Accelerating Sparse Deep Neu
 import os
 import sys
 
-# `python recipes/resnet50.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/resnet50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import cli  # noqa: E402
+from recipes.engine import cli  # noqa: E402
 
 EPILOG = """\
 Table 2 (ResNet-50 on ImageNet: dense 76.1 / 2:4 sparse 76.2 top-1) on one host with 8 GPUs:
@@ -33,7 +33,9 @@ Start from torchvision's dense weights instead of training them (skips the dense
   or from a finished run:  --init-from runs/resnet50_imagenet  (its dense checkpoint)
 
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
                          (jax.distributed.initialize; the global batch is split over all GPUs)
 Every code path, fast:   python recipes/resnet50.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,
@@ -41,4 +43,6 @@ Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_repor
 """
 
 if __name__ == "__main__":
-    cli.main(model="resnet50", description=__doc__, epilog=EPILOG)
+    from recipes.vision.classification_task import ClassificationTask
+
+    cli.main(ClassificationTask, "resnet50", __doc__, EPILOG)

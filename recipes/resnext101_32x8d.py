@@ -14,12 +14,12 @@ Networks": 79.3 dense / 79.3 2:4 sparse top-1).
 import os
 import sys
 
-# `python recipes/resnext101_32x8d.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/resnext101_32x8d.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import cli  # noqa: E402
+from recipes.engine import cli  # noqa: E402
 
 EPILOG = """\
 full scale (Table 2: dense 79.3 / 2:4 sparse 79.3 top-1, ResNeXt-101 32x8d on ImageNet):
@@ -43,4 +43,6 @@ full scale (Table 2: dense 79.3 / 2:4 sparse 79.3 top-1, ResNeXt-101 32x8d on Im
 """
 
 if __name__ == "__main__":
-    cli.main(model="resnext101_32x8d", description=__doc__, epilog=EPILOG)
+    from recipes.vision.classification_task import ClassificationTask
+
+    cli.main(ClassificationTask, "resnext101_32x8d", __doc__, EPILOG)

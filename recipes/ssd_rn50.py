@@ -11,12 +11,12 @@ Neural Networks": bbAP 24.8 dense, 24.8 2:4 sparse).
 import os
 import sys
 
-# `python recipes/ssd_rn50.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/ssd_rn50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import ssd_train  # noqa: E402  (imports jax lazily: --help stays fast)
+from recipes.detection import ssd_task  # noqa: E402  (imports jax lazily: --help stays fast
 
 EPILOG = """\
 Table 2 (SSD300 v1.1, ResNet-50 backbone, COCO 2017: bbAP 24.8 dense / 24.8 2:4 sparse) on one
@@ -51,4 +51,4 @@ A fair comparison:       --control also trains the dense model for the retrainin
 """
 
 if __name__ == "__main__":
-    ssd_train.main(model="ssd_rn50", description=__doc__, epilog=EPILOG)
+    ssd_task.main("ssd_rn50", __doc__, EPILOG)

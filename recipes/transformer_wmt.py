@@ -13,12 +13,12 @@ each other. With ``--data-dir``, runs the real WMT14 English-German recipe (Tabl
 import os
 import sys
 
-# `python recipes/transformer_wmt.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/transformer_wmt.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import seq2seq_train  # noqa: E402
+from recipes.text import translation_task  # noqa: E402
 
 EPILOG = """\
 Table 2 (Transformer big on WMT14 EN-DE: dense 28.2 / 2:4 sparse 28.5 BLEU) on one host, 8 GPUs:
@@ -44,7 +44,9 @@ Table 2 (Transformer big on WMT14 EN-DE: dense 28.2 / 2:4 sparse 28.5 BLEU) on o
 Start from a finished dense run instead of training (skips the dense phase):
   python recipes/transformer_wmt.py --data-dir /data/wmt14_en_de --init-from runs/transformer_wmt14
 Continue a killed run:   the same command with --resume (same --workdir)
-Several hosts:           the same command with --distributed on every host
+Several hosts:           the same command with --distributed on every host (SLURM, MPI:
+                         detected; elsewhere add --coordinator-address HOST:PORT
+                         --num-processes N --process-id I)
 The base model:          --size base (transformer_wmt_en_de: d_model 512, FFN 2048, 8 heads)
 Every code path, fast:   python recipes/transformer_wmt.py --smoke
 Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_report.txt,
@@ -54,4 +56,4 @@ A fair comparison:       --control also trains the dense model for the retrainin
 """
 
 if __name__ == "__main__":
-    seq2seq_train.main(model="transformer_wmt", description=__doc__, epilog=EPILOG)
+    translation_task.main("transformer_wmt", __doc__, EPILOG)

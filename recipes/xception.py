@@ -16,12 +16,12 @@ Networks": 79.2 dense / 79.2 2:4 sparse top-1).
 import os
 import sys
 
-# `python recipes/xception.py` puts recipes/ on sys.path; the shared code is `recipes.common`.
+# `python recipes/xception.py` puts recipes/ on sys.path; the shared code is in `recipes`.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.common import cli  # noqa: E402
+from recipes.engine import cli  # noqa: E402
 
 EPILOG = """\
 full scale (Table 2: dense 79.2 / 2:4 sparse 79.2 top-1, Xception on ImageNet):
@@ -47,4 +47,6 @@ full scale (Table 2: dense 79.2 / 2:4 sparse 79.2 top-1, Xception on ImageNet):
 """
 
 if __name__ == "__main__":
-    cli.main(model="xception", description=__doc__, epilog=EPILOG)
+    from recipes.vision.classification_task import ClassificationTask
+
+    cli.main(ClassificationTask, "xception", __doc__, EPILOG)

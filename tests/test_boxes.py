@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes.common import boxes as B
+from recipes.detection import boxes as B
 
 
 def _iou_by_hand(a, b):

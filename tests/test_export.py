@@ -179,7 +179,7 @@ def test_recipe_resnet_exports_a_graph_onnxruntime_runs(tmp_path):
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from recipes.common import models
+    from recipes.vision import models
 
     model = models.ResNet(models.Bottleneck, (1, 1, 1, 1), groups=2, width_per_group=64,
                           num_filters=8, num_classes=10, rngs=models.init_rngs(0))

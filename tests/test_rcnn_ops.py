@@ -1,8 +1,8 @@
-"""Tests of the Mask R-CNN building blocks (recipes/common/rcnn_ops.py).
+"""Tests of the Mask R-CNN building blocks (recipes/detection/rcnn_ops.py).
 
 References are independent of the code under test: anchors and box deltas worked out by hand,
 a per-sample NumPy loop of torchvision's RoIAlign kernel (bilinear_interpolate, including its
-border rules), the host NumPy NMS of recipes/common/boxes.py, a per-pixel loop for the mask
+border rules), the host NumPy NMS of recipes/detection/boxes.py, a per-pixel loop for the mask
 paste, and counting for the sampler.
 """
 
@@ -18,8 +18,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from recipes.common import boxes as box_ops  # noqa: E402
-from recipes.common import rcnn_ops  # noqa: E402
+from recipes.detection import boxes as box_ops  # noqa: E402
+from recipes.detection import rcnn_ops  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Anchors

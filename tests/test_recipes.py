@@ -1,4 +1,4 @@
-"""Tests of the recipe framework (recipes/common) and `python recipes/resnet50.py`.
+"""Tests of the recipe engine (recipes/engine), the image-classification task and `python recipes/resnet50.py`.
 
 References are independent of the code under test: torchvision's architecture written out in the
 test in torch's NCHW/OIHW layouts, NumPy checks of the 2:4 pattern, an uninterrupted run for the
@@ -21,7 +21,10 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import cli, configs, input_pipeline, models, train, weights  # noqa: E402
+from recipes.engine import cli  # noqa: E402
+from recipes.engine import workflow  # noqa: E402
+from recipes.vision import classification_task, configs, input_pipeline, models, weights  # noqa: E402
+from recipes.vision.classification_task import ClassificationTask  # noqa: E402
 
 STAGES_50 = (3, 4, 6, 3)
 
@@ -239,10 +242,10 @@ def test_logits_equal_torchvision_for_same_random_weights():
 
 def test_imagenet_schedule_is_torchvision_reference():
     config = configs.imagenet_config()
-    steps = train.phase_num_steps(config, 1_281_167)
+    steps = workflow.phase_steps(config, 1_281_167)
     steps_per_epoch = 1_281_167 // 256
     assert abs(steps - 90 * steps_per_epoch) <= 90
-    schedule = train.learning_rate_schedule(config, steps)
+    schedule = classification_task.learning_rate_schedule(config, steps)
     for epoch, lr in [(0, 0.1), (29.9, 0.1), (30.1, 0.01), (59.9, 0.01), (60.1, 0.001),
                       (89.9, 0.001)]:
         assert float(schedule(int(epoch * steps_per_epoch))) == pytest.approx(lr, rel=1e-6), epoch
@@ -266,7 +269,7 @@ def test_help_documents_full_scale_use():
     import runpy
 
     script = runpy.run_path(os.path.join(REPO_ROOT, "recipes", "resnet50.py"))  # not as __main__
-    text = cli.build_parser(script["__doc__"], script["EPILOG"]).format_help()
+    text = cli.build_parser(ClassificationTask, script["__doc__"], script["EPILOG"]).format_help()
     for flag in ("--data-dir", "--init-from", "--batch-size", "--epochs", "--devices",
                  "--resume", "--smoke", "--control"):
         assert flag in text
@@ -297,19 +300,19 @@ def test_data_parallel_step_on_8_devices_matches_1_device():
     assert jax.device_count() >= 8, "tests/conftest.py should provide 8 CPU devices"
     config = configs.smoke_config(configs.builtin_config()).replace(compute_dtype="float32")
     datasets = input_pipeline.create_datasets(config)
-    model = train.create_model(config, datasets.info)
+    model = classification_task.create_model(config, datasets.info)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
     pruned, masks = sparse_jax.prune(params)
-    tx = sparse_jax.masked(train.create_optimizer(config, 10), masks)
+    tx = sparse_jax.masked(classification_task.create_optimizer(config, 10), masks)
     batch = next(input_pipeline.train_iterator(datasets, batch_size=16, seed=0))
     results = []
     for num_devices in (1, 8):
-        mesh = train.create_mesh(num_devices)
-        step = train.make_train_step(graphdef, tx, mesh, datasets.info, jnp.float32)
+        mesh = workflow.create_mesh(num_devices)
+        step = classification_task.make_train_step(graphdef, tx, mesh, datasets.info, jnp.float32)
         state = {"params": pruned, "batch_stats": batch_stats, "opt_state": tx.init(pruned)}
         with jax.default_matmul_precision("highest"):
-            state, step_metrics = step(state, train.shard_batch(batch, mesh))
+            state, step_metrics = step(state, workflow.shard_batch(batch, mesh))
         assert len(jax.tree.leaves(state["params"])[0].sharding.device_set) == num_devices
         results.append(jax.device_get((state["params"], state["batch_stats"],
                                        step_metrics["loss"])))
@@ -349,7 +352,7 @@ def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
     # One device: the 8-device data parallelism has its own test, and is slow on 2 cores.
     config = configs.smoke_config(configs.builtin_config()).replace(devices=1)
-    results = train.train_and_evaluate(config, workdir)
+    results = classification_task.train_and_evaluate(config, workdir)
     return config, workdir, results
 
 
@@ -400,12 +403,12 @@ def test_resume_after_interrupt_gives_same_final_params(smoke_run, tmp_path):
     config, reference_dir, reference = smoke_run
     workdir = str(tmp_path)
     # 6 dense steps, then stop at the 3rd retraining step: the last checkpoint is retrain step 2.
-    with pytest.raises(train.Interrupted):
-        train.train_and_evaluate(config.replace(interrupt_after_steps=9), workdir)
+    with pytest.raises(workflow.Interrupted):
+        classification_task.train_and_evaluate(config.replace(interrupt_after_steps=9), workdir)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     with pytest.raises(FileExistsError, match="--resume"):
-        train.train_and_evaluate(config, workdir)
-    resumed = train.train_and_evaluate(config, workdir, resume=True)
+        classification_task.train_and_evaluate(config, workdir)
+    resumed = classification_task.train_and_evaluate(config, workdir, resume=True)
 
     steps = config.num_train_steps
     for phase in ("retrain", "control"):
@@ -437,7 +440,7 @@ def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
     data_dir = str(tmp_path / "imagenet")
     write_jpeg_tree(data_dir)
     workdir = str(tmp_path / "run")
-    results = cli.main("resnet50", "test", "", argv=[
+    results = cli.main(ClassificationTask, "resnet50", "test", "", argv=[
         "--smoke", "--data-dir", data_dir, "--workdir", workdir, "--batch-size", "8", "--no-control",
         "--devices", "1", "--export-onnx", str(tmp_path / "model.onnx")])
     out = capsys.readouterr().out
@@ -461,7 +464,7 @@ def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
 @pytest.mark.slow
 def test_init_from_orbax_checkpoint_skips_dense_training(smoke_run, tmp_path):
     config, reference_dir, reference = smoke_run
-    results = train.train_and_evaluate(config.replace(init_from=reference_dir, control=False),
+    results = classification_task.train_and_evaluate(config.replace(init_from=reference_dir, control=False),
                                        str(tmp_path))
     assert results["steps"]["dense"] == 0
     assert results["dense"] == reference["dense"]

@@ -1,4 +1,4 @@
-"""Tests of the BERT question-answering recipe (recipes/bert_large_squad.py, recipes/common/bert*).
+"""Tests of the BERT question-answering recipe (recipes/bert_large_squad.py, recipes/text/qa_task.py, recipes/text/bert*).
 
 References are independent of the code under test: the parameter count from BERT's architecture
 written out by hand, a NumPy BERT forward pass written here from the Hugging Face layout, the
@@ -26,7 +26,8 @@ import sparse_jax
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from recipes.common import bert, bert_configs, bert_train, qa_data, squad  # noqa: E402
+from recipes.engine import workflow  # noqa: E402
+from recipes.text import bert, bert_configs, qa_data, qa_task, squad  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -446,12 +447,12 @@ def test_stream_batches_are_windows_that_hold_their_answer(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "?", ",", "."]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab + [w.strip(",.") for w in words]) + "\n")
     tokenizer = squad.bert_tokenizer(str(tmp_path / "vocab.txt"))
-    task = bert_train.Task("t", None, [], None, None, tokenizer, str(tmp_path / "vocab.txt"), None,
+    task = qa_task.QAData("t", None, [], None, None, tokenizer, str(tmp_path / "vocab.txt"), None,
                            qa_data.ClozeStream(words, min_words=15, max_words=25))
     # 32 tokens: questions cut to 12, so a passage of up to 28 tokens needs 2-3 windows.
     config = bert_configs.builtin_config().replace(batch_size=16, max_seq_length=32,
                                                    doc_stride=8, max_query_length=12)
-    batch = bert_train.stream_batch(task, config, step=5, seed=0)
+    batch = qa_task.stream_batch(task, config, step=5, seed=0)
     assert all(v.shape == (16, 32) for k, v in batch.items() if k.endswith("_ids"))
     examples = task.train_stream.examples(5, 16, 0)
     start, end = batch["start_positions"], batch["end_positions"]
@@ -462,7 +463,7 @@ def test_stream_batches_are_windows_that_hold_their_answer(tmp_path):
     sep = np.argmax(batch["input_ids"] == tokenizer.token_to_id("[SEP]"), axis=1)
     assert np.all(start > sep) and np.all(batch["token_type_ids"][np.arange(16), start] == 1)
     np.testing.assert_array_equal(batch["input_ids"],
-                                  bert_train.stream_batch(task, config, 5, 0)["input_ids"])
+                                  qa_task.stream_batch(task, config, 5, 0)["input_ids"])
 
 
 def test_mlm_masking_follows_bert(word_tokenizer):
@@ -563,14 +564,13 @@ def test_smoke_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    from recipes.common import bert_train
 
     uninterrupted = _smoke(tmp_path / "a")
     # The same vocabulary for both runs: tokenizers' trainer breaks ties irreproducibly, and a run
     # reuses the vocab.txt its workdir holds.
     os.makedirs(tmp_path / "b")
     shutil.copy(tmp_path / "a" / "vocab.txt", tmp_path / "b" / "vocab.txt")
-    with pytest.raises(bert_train.Interrupted):
+    with pytest.raises(workflow.Interrupted):
         _smoke(tmp_path / "b", "--set", "interrupt_after_steps=7")  # inside the dense phase
     with pytest.raises(FileExistsError, match="--resume"):
         _smoke(tmp_path / "b")

@@ -1,4 +1,4 @@
-"""recipes/common/checkpointing.open_phase: the start of every recipe's ``run_phase``."""
+"""recipes/engine/checkpointing.open_phase: the start of every recipe's ``run_phase``."""
 
 import os
 import sys
@@ -13,7 +13,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from recipes.common import checkpointing, metrics  # noqa: E402
+from recipes.engine import checkpointing, metrics  # noqa: E402
 
 PHASES = ("dense", "retrain", "control")
 

@@ -22,9 +22,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import boxes as box_ops  # noqa: E402
-from recipes.common import (coco_eval, digits_detection, maskrcnn, maskrcnn_data,  # noqa: E402
-                            maskrcnn_train, rcnn_ops)
+from recipes.detection import boxes as box_ops  # noqa: E402
+from recipes.detection import coco_eval, digits_detection, maskrcnn, maskrcnn_data, maskrcnn_task, rcnn_ops  # noqa: E402
+from recipes.engine import workflow  # noqa: E402
 
 SMALL = maskrcnn.ModelConfig(num_classes=11, num_filters=8, stage_sizes=(1, 1, 1, 1),
                              fpn_channels=16, representation_size=32, mask_channels=16)
@@ -181,13 +181,13 @@ def test_coco_segm_ap_is_one_on_ground_truth_fed_back(digits_dir):
         categories = [source.category_ids[label - 1] for label in record["labels"]]
         records += coco_eval.detection_records(ids, categories, box_ops.xyxy_to_xywh(boxes),
                                                [1.0] * len(boxes),
-                                               maskrcnn_train.encode_masks(masks))
+                                               maskrcnn_task.encode_masks(masks))
         # The prediction path: 28x28 targets on the boxes, pasted back at 0.5.
         crops = rcnn_ops.mask_targets(masks, boxes, np.arange(len(boxes)), 28)
         pasted = rcnn_ops.paste_masks(np.asarray(crops), boxes, masks.shape[1:]) > 0.5
         pasted_records += coco_eval.detection_records(
             ids, categories, box_ops.xyxy_to_xywh(boxes), [1.0] * len(boxes),
-            maskrcnn_train.encode_masks(pasted))
+            maskrcnn_task.encode_masks(pasted))
     assert len(records) >= 6
     assert coco_eval.evaluate(source.annotation_file, records, "segm")["AP"] == 1.0
     assert coco_eval.evaluate(source.annotation_file, records, "bbox")["AP"] == 1.0
@@ -226,7 +226,7 @@ def test_help_gives_the_full_scale_commands(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit):
-        maskrcnn_train.main("maskrcnn_rn50", module.__doc__, module.EPILOG, ["--help"])
+        maskrcnn_task.main("maskrcnn_rn50", module.__doc__, module.EPILOG, ["--help"])
     out = capsys.readouterr().out
     for text in ("--data-dir /data/coco", "--batch-size 16 --epochs 26 --lr 0.02", "37.9",
                  "--init-from maskrcnn_resnet50_fpn.safetensors", "--smoke", "--resume"):
@@ -241,7 +241,7 @@ def test_help_gives_the_full_scale_commands(capsys):
 @pytest.mark.slow  # about 70 s of CPU (mostly XLA compiles): over the default suite's budget
 def test_smoke_run_end_to_end(tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    results = maskrcnn_train.main("maskrcnn_rn50", "", "", ["--smoke", "--no-control", "--devices", "2",
+    results = maskrcnn_task.main("maskrcnn_rn50", "", "", ["--smoke", "--no-control", "--devices", "2",
                                                             "--workdir", workdir])
     out = capsys.readouterr().out
     with open(os.path.join(workdir, "results.json")) as f:
@@ -267,15 +267,14 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    from recipes.common import train as image_train
 
     args = ["--smoke", "--no-control", "--devices", "1"]
-    full = maskrcnn_train.main("maskrcnn_rn50", "", "", args + ["--workdir", str(tmp_path / "a")])
+    full = maskrcnn_task.main("maskrcnn_rn50", "", "", args + ["--workdir", str(tmp_path / "a")])
     # Killed after the dense phase and one retraining step, then resumed.
-    with pytest.raises(image_train.Interrupted):
-        maskrcnn_train.main("maskrcnn_rn50", "", "", args + [
+    with pytest.raises(workflow.Interrupted):
+        maskrcnn_task.main("maskrcnn_rn50", "", "", args + [
             "--workdir", str(tmp_path / "b"), "--set", "interrupt_after_steps=4"])
-    resumed = maskrcnn_train.main("maskrcnn_rn50", "", "", args + [
+    resumed = maskrcnn_task.main("maskrcnn_rn50", "", "", args + [
         "--workdir", str(tmp_path / "b"), "--resume"])
     for key in ("dense", "one_shot", "sparse"):
         assert resumed[key] == full[key], key

@@ -21,15 +21,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import (  # noqa: E402
-    cli,
-    grouped_conv,
-    model_configs,
-    models,
-    weights,
-    weights_timm,
-    xception,
-)
+from recipes.engine import cli  # noqa: E402
+from recipes.vision.classification_task import ClassificationTask  # noqa: E402
+from recipes.vision import grouped_conv, model_configs, models, weights, weights_timm, xception
 
 DEPTHWISE_REASON = "depthwise conv (1 input channel per group) cannot be 2:4"
 HI = jax.lax.Precision.HIGHEST
@@ -538,7 +532,7 @@ def test_full_recipes_use_the_original_schedules():
     ("xception.py", ("79.2", "0.045", "x0.94 every 2 epochs", "1e-5", "299", "333")),
 ])
 def test_help_gives_full_scale_commands_and_schedules(script, numbers):
-    text = cli.build_parser("d", epilog(script)).format_help()
+    text = cli.build_parser(ClassificationTask, "d", epilog(script)).format_help()
     for flag in ("--data-dir", "--init-from", "--batch-size", "--epochs", "--resume", "--smoke"):
         assert flag in text
     assert f"python recipes/{script} --data-dir" in text and "8 GPUs" in text
@@ -564,11 +558,11 @@ def write_jpeg_tree(data_dir, seed=0):
 def test_xception_imagefolder_uses_inception_preprocessing(tmp_path):
     from PIL import Image
 
-    from recipes.common import input_pipeline
+    from recipes.vision import input_pipeline
 
     write_jpeg_tree(tmp_path / "imagenet")
-    args = cli.build_parser("d", "").parse_args(["--data-dir", str(tmp_path / "imagenet")])
-    config = cli.config_from_args(args, "xception")
+    args = cli.build_parser(ClassificationTask, "d", "").parse_args(["--data-dir", str(tmp_path / "imagenet")])
+    config = cli.config_from_args(ClassificationTask, args, "xception")
     assert (config.image_size, config.eval_resize_size) == (299, 333)
     datasets = input_pipeline.create_datasets(config)
     assert datasets.info.mean == (0.5,) * 3 and datasets.info.std == (0.5,) * 3
@@ -580,14 +574,14 @@ def test_xception_imagefolder_uses_inception_preprocessing(tmp_path):
     want = np.asarray(resized.crop((left, top, left + 299, top + 299)))
     np.testing.assert_array_equal(datasets.eval_transform(record)["image"], want)
     # The ResNeXt recipe keeps torchvision's normalisation.
-    resnext = cli.config_from_args(args, "resnext101_32x8d")
+    resnext = cli.config_from_args(ClassificationTask, args, "resnext101_32x8d")
     assert input_pipeline.create_datasets(resnext).info.mean == input_pipeline.IMAGENET_MEAN
 
 
 @pytest.mark.slow
 def test_xception_smoke_cli_on_imagefolder(tmp_path, capsys):
     write_jpeg_tree(tmp_path / "imagenet")
-    results = cli.main("xception", "test", "", argv=[
+    results = cli.main(ClassificationTask, "xception", "test", "", argv=[
         "--smoke", "--data-dir", str(tmp_path / "imagenet"), "--workdir", str(tmp_path / "run"),
         "--batch-size", "8", "--no-progress"])
     out = capsys.readouterr().out
@@ -602,7 +596,7 @@ def test_xception_smoke_cli_on_imagefolder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resnext_smoke_cli_end_to_end(tmp_path, capsys):
-    results = cli.main("resnext101_32x8d", "test", "", argv=[
+    results = cli.main(ClassificationTask, "resnext101_32x8d", "test", "", argv=[
         "--smoke", "--workdir", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert "| resnext101_32x8d |" in out and results["exactly_nm_sparse"]

@@ -25,8 +25,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import sparse_jax  # noqa: E402
-from recipes.common import beam_search, seq2seq_train, transformer  # noqa: E402
-from recipes.common import translation_data as td  # noqa: E402
+from recipes.engine import workflow  # noqa: E402
+from recipes.text import beam_search, transformer, translation_task  # noqa: E402
+from recipes.text import translation_data as td  # noqa: E402
 
 
 @nnx.jit
@@ -247,22 +248,22 @@ def test_sacrebleu_score_of_a_fixed_pair_matches_the_definition():
     # Lower-case words without punctuation: sacreBLEU's 13a tokeniser leaves them as they are.
     hypotheses = ["the cat sat on the mat today", "a quick brown dog jumps over the lazy fox"]
     references = ["the cat sat on the red mat today", "the quick brown dog jumps over the lazy fox"]
-    bleu, signature = seq2seq_train.corpus_bleu(hypotheses, references)
+    bleu, signature = translation_task.corpus_bleu(hypotheses, references)
     # By hand: 1-grams 15/16, 2-grams 12/14, 3-grams 9/12, 4-grams 7/10; lengths 16 vs 17.
     by_hand = 100 * math.exp(1 - 17 / 16) * (15 / 16 * 12 / 14 * 9 / 12 * 7 / 10) ** 0.25
     assert bleu == pytest.approx(reference_bleu(hypotheses, references), abs=1e-9)
     assert bleu == pytest.approx(by_hand, abs=1e-9)
     assert "tok:13a" in signature and "case:mixed" in signature
-    assert seq2seq_train.corpus_bleu(references, references)[0] == pytest.approx(100.0)
+    assert translation_task.corpus_bleu(references, references)[0] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="hypotheses for"):
-        seq2seq_train.corpus_bleu(hypotheses, references[:1])
+        translation_task.corpus_bleu(hypotheses, references[:1])
 
 
 def test_label_smoothed_loss_matches_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
     targets = np.array([[1, 4, 0], [2, 0, 0]], np.int32)  # 0 = pad
-    loss, nll, count = seq2seq_train.label_smoothed_loss(jnp.asarray(logits),
+    loss, nll, count = translation_task.label_smoothed_loss(jnp.asarray(logits),
                                                          jnp.asarray(targets), 0.1, 0)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected_loss = expected_nll = 0.0
@@ -277,9 +278,9 @@ def test_label_smoothed_loss_matches_numpy():
 
 
 def test_inverse_sqrt_schedule_values():
-    config = seq2seq_train.TranslationConfig(learning_rate=1e-3, warmup_steps=4000,
+    config = translation_task.TranslationConfig(learning_rate=1e-3, warmup_steps=4000,
                                              warmup_init_lr=1e-7)
-    schedule = seq2seq_train.inverse_sqrt_schedule(config)
+    schedule = translation_task.inverse_sqrt_schedule(config)
     # optax counts from 0; fairseq's update number is count + 1.
     np.testing.assert_allclose(schedule(1999), 1e-7 + (1e-3 - 1e-7) * 0.5, rtol=1e-5)
     np.testing.assert_allclose(schedule(3999), 1e-3, rtol=1e-6)
@@ -295,7 +296,7 @@ def test_pruning_rules_on_the_big_model():
     abstract = nnx.eval_shape(lambda: transformer.Transformer(
         transformer.transformer_config("big", 32768), rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    plans = {p.path: p for p in sparse_jax.plan_tree(params, rules=seq2seq_train.PRUNING_RULES)}
+    plans = {p.path: p for p in sparse_jax.plan_tree(params, rules=translation_task.PRUNING_RULES)}
     pruned = {path for path, p in plans.items() if p.pruned}
     # 6 encoder layers x (4 attention + 2 FFN) + 6 decoder layers x (8 attention + 2 FFN).
     assert len(pruned) == 6 * 6 + 6 * 10
@@ -310,7 +311,7 @@ def test_pruning_rules_on_the_big_model():
 def test_pruned_projections_are_2_4_along_their_input_dimension():
     model = transformer.Transformer(tiny_config(), rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    pruned, masks = sparse_jax.prune(params, rules=seq2seq_train.PRUNING_RULES)
+    pruned, masks = sparse_jax.prune(params, rules=translation_task.PRUNING_RULES)
     kernel = np.asarray(pruned["decoder_layers"][1]["encoder_attn"]["v_proj"]["kernel"])
     original = np.asarray(params["decoder_layers"][1]["encoder_attn"]["v_proj"]["kernel"])
     groups = kernel.reshape(4, 4, -1)  # (in / 4, 4, out): groups of 4 consecutive inputs
@@ -393,7 +394,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     workdir = tmp_path / "run"
     export = importlib.util.find_spec("jax2onnx") is not None
     onnx_path = tmp_path / "model.onnx"
-    results = seq2seq_train.main("transformer_wmt", "", "", [
+    results = translation_task.main("transformer_wmt", "", "", [
         "--smoke", "--workdir", str(workdir), *(["--export-onnx", str(onnx_path)] if export else [])])
     saved = json.loads((workdir / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -433,12 +434,12 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    config = seq2seq_train.smoke_config(seq2seq_train.builtin_config())
-    whole = seq2seq_train.train_and_evaluate(config, str(tmp_path / "whole"))
+    config = translation_task.smoke_config(translation_task.builtin_config())
+    whole = translation_task.train_and_evaluate(config, str(tmp_path / "whole"))
     interrupted = config.replace(interrupt_after_steps=8)  # in the middle of retraining
-    with pytest.raises(seq2seq_train.Interrupted):
-        seq2seq_train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
-    resumed = seq2seq_train.train_and_evaluate(config, str(tmp_path / "resumed"), resume=True)
+    with pytest.raises(workflow.Interrupted):
+        translation_task.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
+    resumed = translation_task.train_and_evaluate(config, str(tmp_path / "resumed"), resume=True)
     for key in ("dense", "one_shot", "sparse", "control"):
         assert resumed[key] == whole[key]
     metrics = lambda run: [json.loads(line) for line in

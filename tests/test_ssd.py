@@ -22,8 +22,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from recipes.common import coco_data, coco_eval, digits_detection, models, ssd, ssd_boxes  # noqa: E402
-from recipes.common import ssd_train, weights  # noqa: E402
+from recipes.detection import coco_data, coco_eval, digits_detection, ssd, ssd_boxes  # noqa: E402
+from recipes.vision import models
+from recipes.detection import ssd_task  # noqa: E402
+from recipes.engine import workflow  # noqa: E402
+from recipes.vision import weights
 
 SMALL_SPEC = digits_detection.DigitsSpec(num_train_images=24, num_val_images=12, image_size=64,
                                          min_digit_size=12, max_digit_size=28, seed=3)
@@ -490,7 +493,7 @@ def test_help_shows_the_full_scale_command():
 @pytest.mark.slow  # 90 s on the shared 2-core machine (tracing and compiling SSD's steps)
 def test_smoke_run_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    results = ssd_train.main("ssd_rn50", "", "", ["--smoke", "--workdir", str(workdir),
+    results = ssd_task.main("ssd_rn50", "", "", ["--smoke", "--workdir", str(workdir),
                                                   "--devices", "1"])
     for name in ("results.json", "metrics.jsonl", "curves.png", "sparsity_report.txt",
                  "coco_summary.txt", "detections_retrain.json", "config.json"):
@@ -516,19 +519,18 @@ def test_smoke_run_end_to_end(tmp_path):
 
 @pytest.mark.slow  # two smoke runs (about 2 minutes on 2 cores)
 def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
-    from recipes.common import train as image_train
 
-    config = ssd_train.smoke_config(ssd_train.builtin_config()).replace(
+    config = ssd_task.smoke_config(ssd_task.builtin_config()).replace(
         devices=1, checkpoint_every_steps=2, builtin_dir=str(tmp_path / "digits"))
-    reference = ssd_train.train_and_evaluate(config, str(tmp_path / "reference"))
+    reference = ssd_task.train_and_evaluate(config, str(tmp_path / "reference"))
     workdir = str(tmp_path / "resumed")
     # 4 dense steps, then killed after the 3rd retraining step: its last checkpoint is step 2,
     # so the resumed run repeats step 3 with the restored parameters and data-iterator state.
-    with pytest.raises(image_train.Interrupted):
-        ssd_train.train_and_evaluate(config.replace(interrupt_after_steps=7), workdir)
+    with pytest.raises(workflow.Interrupted):
+        ssd_task.train_and_evaluate(config.replace(interrupt_after_steps=7), workdir)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     capsys.readouterr()
-    resumed = ssd_train.train_and_evaluate(config, workdir, resume=True)
+    resumed = ssd_task.train_and_evaluate(config, workdir, resume=True)
     printed = capsys.readouterr().out
     assert "[dense] resumed from" in printed and "[retrain] resumed from" in printed
     for key in ("dense", "one_shot", "sparse", "control"):
@@ -541,11 +543,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, capsys):
 def test_export_onnx_matches_jax(tmp_path):
     pytest.importorskip("jax2onnx")
     ort = pytest.importorskip("onnxruntime")
-    config = ssd_train.smoke_config(ssd_train.builtin_config())
-    model = ssd_train.create_model(config, 11)
+    config = ssd_task.smoke_config(ssd_task.builtin_config())
+    model = ssd_task.create_model(config, 11)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     path = str(tmp_path / "ssd.onnx")
-    ssd_train.export_onnx(config, 11, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), path)
+    ssd_task.export_onnx(config, 11, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats), path)
     x = np.random.default_rng(0).uniform(-2, 2, (1, 64, 64, 3)).astype(np.float32)
     got = ort.InferenceSession(path).run(None, {"image": x})
     expected = nnx.merge(graphdef, params, batch_stats)(jnp.asarray(x))

@@ -7,13 +7,13 @@ A config is a flat dataclass so that every field can be overridden from the comm
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
+
+from recipes.engine.workflow import WorkflowConfig
 
 
-@dataclasses.dataclass
-class Config:
-    """Everything a dense -> prune -> retrain -> evaluate run needs."""
+@dataclasses.dataclass(frozen=True)
+class Config(WorkflowConfig):
+    """An image-classification run (the workflow's fields are in ``WorkflowConfig``)."""
 
     # Model (see models.MODELS): torchvision topology, optionally at a reduced width.
     model: str = "resnet50"
@@ -21,11 +21,11 @@ class Config:
     stem: str = "imagenet"
     small_stem_stride: int = 1
     stage_sizes: tuple[int, ...] | None = None  # None: the named model's own stages
-    compute_dtype: str = "bfloat16"  # parameters and optimizer state stay float32
 
     # Data.
     dataset: str = "imagenet"  # "imagenet" (an ImageFolder tree) or "mnist_5k" (built in)
     data_dir: str | None = None
+    skip_bad_images: bool = False  # skip (and list) undecodable images instead of stopping
     image_size: int = 224
     eval_resize_size: int = 256
     preprocessing: str = "torchvision"  # or "inception": mean = std = 0.5, bicubic (Xception)
@@ -42,38 +42,16 @@ class Config:
     lr_step_epochs: float = 30.0
     lr_step_factor: float = 0.1
     warmup_epochs: float = 0.0
-    num_train_steps: int = -1  # > 0 overrides num_epochs (for both phases)
 
-    # Workflow.
-    init_from: str | None = None  # dense weights: orbax checkpoint dir or torchvision .safetensors
-    sparsity_n: int = 2
-    sparsity_m: int = 4
-    control: bool = False  # also train the dense model for the retraining steps, for comparison
-    seed: int = 0
-
-    # Bookkeeping.
+    # Evaluation.
     eval_batch_size: int = 256
     max_eval_examples: int = -1  # > 0: evaluate on the first examples only (smoke runs)
-    log_every_steps: int = 100
     eval_every_steps: int = -1  # -1: once per epoch
-    checkpoint_every_steps: int = 1000
-    max_checkpoints_to_keep: int = 2
-    devices: int = -1  # -1: all local devices
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
-    progress_bar: bool = True
-    export_onnx: str | None = None  # write the final sparse model as ONNX (eval mode, float32)
-    interrupt_after_steps: int = -1  # testing: stop the process after this many total steps
 
     @property
     def learning_rate(self) -> float:
         """Peak learning rate, scaled linearly with the global batch (0.1 per 256 images)."""
         return self.learning_rate_per_256 * self.batch_size / 256
-
-    def replace(self, **changes: Any) -> "Config":
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 def imagenet_config() -> Config:

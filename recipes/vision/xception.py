@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recipes.common import grouped_conv, models
+from recipes.vision import grouped_conv, models
 
 # timm initialises every convolution with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")

@@ -142,7 +142,7 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 
 def generate_split(split: str, spec: DigitsSpec) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The images of ``split`` (``"train2017"`` or ``"val2017"``) and their COCO annotation dict."""
-    from recipes.common import input_pipeline
+    from recipes.vision import input_pipeline
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

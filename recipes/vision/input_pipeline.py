@@ -54,9 +54,14 @@ class ImageFolderSource:
     Classes are the sorted sub-directory names; samples are sorted by path, so the index of an
     image never depends on file-system order. Records are ``{"path": str, "label": int}``; the
     image is decoded by the transform (in grain workers when there are any).
+
+    With ``skipped_log`` (a file path), a file that cannot be decoded is replaced by the next
+    decodable one of the split (so batches keep their shape and order) and its path and error
+    are appended to ``skipped_log``; records then carry the decoded image.
     """
 
-    def __init__(self, root: str, class_names: Sequence[str] | None = None):
+    def __init__(self, root: str, class_names: Sequence[str] | None = None,
+                 skipped_log: str | None = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist; expected "
                                     "<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG")
@@ -74,13 +79,31 @@ class ImageFolderSource:
                         self.samples.append((os.path.join(dirpath, filename), label))
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        self.skipped_log = skipped_log
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.samples[index]
-        return {"path": path, "label": label}
+        if self.skipped_log is None:
+            return {"path": path, "label": label}
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return {"path": path, "label": label, "decoded": open_rgb(path)}
+            except UndecodableImageError as error:
+                with open(self.skipped_log, "a") as f:  # one short append per file: atomic
+                    f.write(f"{path}\t{error.reason}\n")
+        raise UndecodableImageError(self.samples[index][0], "no image of the split decodes")
+
+
+def read_skipped_log(path: str) -> dict[str, str]:
+    """``{path: decoder error}`` of the files a ``skipped_log`` lists (each once)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
 
 
 class ArraySource:
@@ -158,11 +181,28 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def _open_rgb(path: str):
+class UndecodableImageError(OSError):
+    """An image file PIL cannot decode (truncated, empty, not an image), with its path."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason} (--skip-bad-images skips such "
+                         "files, counts them and lists their paths)")
+        self.path, self.reason = path, reason
+
+
+def open_rgb(path: str):
+    """The image at ``path`` decoded as RGB (CMYK, grayscale, RGBA, palette: converted)."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's decoders raise all three
+        raise UndecodableImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _decoded(record: dict[str, Any]):
+    return record["decoded"] if "decoded" in record else open_rgb(record["path"])
 
 
 def imagenet_train_transform(record: dict[str, Any], rng: np.random.Generator, *,
@@ -170,7 +210,7 @@ def imagenet_train_transform(record: dict[str, Any], rng: np.random.Generator, *
     """Decode, RandomResizedCrop(image_size), RandomHorizontalFlip(0.5); uint8 HWC out."""
     from PIL import Image
 
-    image = _open_rgb(record["path"])
+    image = _decoded(record)
     top, left, crop_h, crop_w = random_resized_crop_box(image.height, image.width, rng)
     image = image.resize((image_size, image_size), Image.BICUBIC if bicubic else Image.BILINEAR,
                          box=(left, top, left + crop_w, top + crop_h))
@@ -185,7 +225,7 @@ def imagenet_eval_transform(record: dict[str, Any], *, resize_size: int,
     """Decode, Resize(shorter side -> resize_size), CenterCrop(image_size); uint8 HWC out."""
     from PIL import Image
 
-    image = _open_rgb(record["path"])
+    image = _decoded(record)
     short, long = sorted((image.width, image.height))
     new_long = int(resize_size * long / short)
     new_size = (resize_size, new_long) if image.width <= image.height else (new_long, resize_size)
@@ -223,8 +263,9 @@ class Datasets:
     eval_transform: Any  # record -> record
 
 
-def create_datasets(config) -> Datasets:
-    """Builds the datasets that ``config.dataset`` names (``"imagenet"`` or ``"mnist_5k"``)."""
+def create_datasets(config, skipped_log: str | None = None) -> Datasets:
+    """Builds the datasets that ``config.dataset`` names (``"imagenet"`` or ``"mnist_5k"``);
+    ``skipped_log``: skip undecodable ImageFolder files, listing them there."""
     import functools
 
     import grain
@@ -232,9 +273,11 @@ def create_datasets(config) -> Datasets:
     if config.dataset == "imagenet":
         if not config.data_dir:
             raise ValueError("dataset 'imagenet' needs --data-dir (a folder with train/ and val/)")
-        train_source = ImageFolderSource(os.path.join(config.data_dir, "train"))
+        train_source = ImageFolderSource(os.path.join(config.data_dir, "train"),
+                                         skipped_log=skipped_log)
         eval_source = ImageFolderSource(os.path.join(config.data_dir, "val"),
-                                        class_names=train_source.class_names)
+                                        class_names=train_source.class_names,
+                                        skipped_log=skipped_log)
         info = DatasetInfo("imagenet" if len(train_source.class_names) == 1000 else
                            f"imagefolder:{config.data_dir}", len(train_source.class_names),
                            len(train_source), len(eval_source),

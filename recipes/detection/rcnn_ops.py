@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recipes.common import boxes as box_ops
+from recipes.detection import boxes as box_ops
 
 # torchvision's BoxCoder clamps the predicted log-scale changes at log(1000 / 16).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)

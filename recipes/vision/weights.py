@@ -127,14 +127,14 @@ def init_model_from(model: nnx.Module, source: str) -> str:
     a run directory, its ``checkpoints/dense`` manager directory, or one step directory in it.
     """
     if source.endswith(".safetensors"):
-        from recipes.common import weights_timm, xception
+        from recipes.vision import weights_timm, xception
 
         if isinstance(model, xception.Xception):
             weights_timm.import_timm_state_dict(model, load_safetensors(source))
             return f"timm legacy_xception weights {source}"
         import_torchvision_state_dict(model, load_safetensors(source))
         return f"torchvision weights {source}"
-    from recipes.common import checkpointing
+    from recipes.engine import checkpointing
 
     params, batch_stats, where = checkpointing.load_dense_weights(source, model)
     state = nnx.state(model, _WEIGHTS)

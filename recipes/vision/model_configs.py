@@ -20,8 +20,8 @@ Sources of the full schedules (NVIDIA's 2:4 recipe repeats the dense schedule fo
 
 from __future__ import annotations
 
-from recipes.common import configs
-from recipes.common.configs import Config
+from recipes.vision import configs
+from recipes.vision.configs import Config
 
 RESNEXT101 = "resnext101_32x8d"
 XCEPTION = "xception"

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from recipes.common import coco_data, input_pipeline
+from recipes.detection import coco_data
+from recipes.vision import input_pipeline
 
 
 class MaskSource(coco_data.CocoDetectionSource):

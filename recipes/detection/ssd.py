@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recipes.common import models, weights
+from recipes.vision import models, weights
 
 # NVIDIA's extra layers at full width: output and middle channels of each block.
 EXTRA_OUT_CHANNELS = (512, 512, 256, 256, 256)

@@ -7,12 +7,12 @@ command line (``--set name=value``) and is written verbatim into the run directo
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
+
+from recipes.engine.workflow import WorkflowConfig
 
 
-@dataclasses.dataclass
-class QAConfig:
+@dataclasses.dataclass(frozen=True)
+class QAConfig(WorkflowConfig):
     """Everything a BERT question-answering run needs (every field settable with ``--set``)."""
 
     # Model: a named size (bert.SIZES), or the checkpoint's own config with `checkpoint`.
@@ -23,13 +23,11 @@ class QAConfig:
     intermediate_size: int = -1
     dropout: float = -1.0  # >= 0: override hidden and attention dropout
     initializer_range: float = -1.0  # > 0: std of the initial weights (BERT: 0.02)
-    compute_dtype: str = "bfloat16"
 
     # Data. SQuAD JSON files, or the built-in pydoc task when both are None.
     train_file: str | None = None
     predict_file: str | None = None
     checkpoint: str | None = None  # Hugging Face pre-trained BERT directory
-    init_from: str | None = None  # fine-tuned: Hugging Face directory or a recipe run directory
     vocab_size: int = 4000  # built-in task: WordPiece vocabulary trained on the text
     max_seq_length: int = 384
     doc_stride: int = 128
@@ -52,26 +50,10 @@ class QAConfig:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     num_epochs: float = 2.0
-    num_train_steps: int = -1  # > 0 overrides num_epochs
-    seed: int = 0
 
     # Bookkeeping.
     eval_batch_size: int = 64
     log_every_steps: int = 50
-    checkpoint_every_steps: int = 1000
-    max_checkpoints_to_keep: int = 2
-    devices: int = -1
-    distributed: bool = False
-    progress_bar: bool = True
-    control: bool = False  # also fine-tune the dense model as many more steps (fair comparison)
-    interrupt_after_steps: int = -1  # testing: stop after this many steps in all
-    export_onnx: str | None = None  # also write the final 2:4 model to this ONNX file
-
-    def replace(self, **changes: Any) -> "QAConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @property
     def builtin(self) -> bool:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from recipes.common import boxes as box_ops
+from recipes.detection import boxes as box_ops
 
 # NVIDIA's SSDCropping: None = keep the whole image; (min IoU, max IoU), None = unbounded.
 CROP_OPTIONS = (None, (0.1, None), (0.3, None), (0.5, None), (0.7, None), (0.9, None),
@@ -273,7 +273,7 @@ def train_iterator(source: CocoDetectionSource, *, image_size: int, max_boxes: i
 
     import grain
 
-    from recipes.common import input_pipeline
+    from recipes.vision import input_pipeline
 
     transform = functools.partial(ssd_train_transform, image_size=image_size,
                                   max_boxes=max_boxes, aug=aug)
@@ -294,7 +294,7 @@ def padded_batches(source, transform, *, batch_size: int, max_images: int = -1,
     ``count`` real examples (fixed shapes for a jitted evaluation step)."""
     import grain
 
-    from recipes.common import input_pipeline
+    from recipes.vision import input_pipeline
 
     dataset = grain.MapDataset.source(source)
     if max_images > 0:

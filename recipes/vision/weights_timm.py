@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from recipes.common import weights, xception
+from recipes.vision import weights, xception
 
 _LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
                "var": "running_var"}

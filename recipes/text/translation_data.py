@@ -278,7 +278,7 @@ def train_iterator(source: TokenBatchSource, num_workers: int = 0):
 
     dataset = grain.MapDataset.source(source).to_iter_dataset()
     if num_workers > 0:
-        from recipes.common import input_pipeline
+        from recipes.vision import input_pipeline
 
         dataset = dataset.mp_prefetch(input_pipeline._multiprocessing_options(num_workers))
     return iter(dataset)

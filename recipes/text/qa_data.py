@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from recipes.common.squad import Answer, Example
+from recipes.text.squad import Answer, Example
 
 EVAL_EVERY = 6
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.common import boxes as box_ops
+from recipes.detection import boxes as box_ops
 
 VARIANCES = (0.1, 0.2)  # center, size: NVIDIA's scale_xy = 1 / 0.1, scale_wh = 1 / 0.2
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recipes.common import grouped_conv
+from recipes.vision import grouped_conv
 
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")

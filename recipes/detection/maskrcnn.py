@@ -48,8 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recipes.common import boxes as box_ops
-from recipes.common import models, rcnn_ops, weights
+from recipes.detection import boxes as box_ops
+from recipes.detection import rcnn_ops
+from recipes.vision import models, weights
 
 
 @dataclasses.dataclass(frozen=True)

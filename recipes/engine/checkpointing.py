@@ -115,14 +115,10 @@ def open_phase(wf: Any, phase: str, phases: Sequence[str], state: dict[str, Any]
     return ckpt, state, progress, done
 
 
-def load_dense_weights(source: str, model) -> tuple[dict, dict, str]:
-    """Params and batch stats from a recipe checkpoint, shaped like ``model``'s.
-
-    ``source`` may be a run directory, a phase's manager directory, or one step directory.
-    Returns ``(params, batch_stats, step_directory)`` as pure dicts.
-    """
-    from flax import nnx
-
+def load_dense_state(source: str, like: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The items of ``like`` (e.g. ``{"params": ...}``, same structures) from a recipe's dense
+    checkpoint: ``source`` is a run directory, a phase's manager directory or one step directory.
+    Returns the restored items and the step directory."""
     source = os.path.abspath(source)
     if os.path.isdir(os.path.join(source, "checkpoints", "dense")):
         source = os.path.join(source, "checkpoints", "dense")
@@ -136,10 +132,17 @@ def load_dense_weights(source: str, model) -> tuple[dict, dict, str]:
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"--init-from {source!r}: no checkpoint steps found")
-    like_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    like_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(like_params)),
-        batch_stats=ocp.args.StandardRestore(_abstract(like_stats))))
+        **{name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in like.items()}))
     manager.close()
-    return restored["params"], restored["batch_stats"], os.path.join(manager_dir, str(step))
+    return {name: restored[name] for name in like}, os.path.join(manager_dir, str(step))
+
+
+def load_dense_weights(source: str, model) -> tuple[dict, dict, str]:
+    """Params and batch stats from a recipe checkpoint, shaped like ``model``'s (pure dicts)."""
+    from flax import nnx
+
+    restored, where = load_dense_state(source, {
+        "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))})
+    return restored["params"], restored["batch_stats"], where

@@ -1,0 +1,556 @@
+"""The one 2:4 workflow every recipe runs: dense -> prune -> retrain (-> control) -> evaluate.
+
+``train_and_evaluate(task_class, config, workdir)`` runs, as one resumable job:
+
+1. **dense**: train the task's model with its reference schedule, or load it (``init_from``);
+2. **prune**: ``sparse_jax.prune`` (``config.pruning``: "magnitude") keeps the ``n`` largest
+   of every ``m`` weights along each kernel's reduction axis (the task's ``pruning_rules``);
+   the pruned model is evaluated as is ("one-shot");
+3. **retrain**: the same schedule again from the pruned weights, with a fresh optimizer wrapped
+   in ``sparse_jax.masked``, so that every step keeps the weights exactly n:m;
+4. optionally **control** (``config.control``): the dense model trained as many more steps
+   without a mask, so that sparse-vs-dense compares models that had the same number of steps.
+
+The engine owns everything around the phases: the device mesh (data parallel: parameters
+replicated, batches split along ``"data"``), several processes (``jax.distributed``),
+per-phase orbax checkpoints with ``--resume`` (model, optimizer and data-iterator state), the
+progress bars, ``metrics.jsonl``, ``curves.png``, ``sparsity_report.txt``, ``results.json``,
+the results table, ONNX export and the wall time. A task (``Task``) only knows its model, data,
+optimizer, train step and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import sparse_jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from recipes.engine import checkpointing, metrics
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "curves.png", "sparsity_report.txt")
+PRUNING_METHODS = ("magnitude",)
+
+
+class Interrupted(RuntimeError):
+    """Raised when ``config.interrupt_after_steps`` simulates a killed run (tests)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowConfig:
+    """The fields the engine reads; every task's config extends it (``--set FIELD=VALUE``)."""
+
+    model: str = ""
+    compute_dtype: str = "bfloat16"  # parameters and optimizer state stay float32
+    num_train_steps: int = -1  # > 0: steps of each phase (else the task's epochs)
+    init_from: str | None = None  # dense weights instead of dense training
+    pruning: str = "magnitude"  # one of PRUNING_METHODS
+    sparsity_n: int = 2
+    sparsity_m: int = 4
+    control: bool = False  # also train the dense model for the retraining steps
+    seed: int = 0
+    log_every_steps: int = 100
+    checkpoint_every_steps: int = 1000
+    max_checkpoints_to_keep: int = 2
+    devices: int = -1  # -1: all local devices
+    distributed: bool = False  # several processes: jax.distributed.initialize
+    coordinator_address: str | None = None  # host:port of process 0 (else JAX_COORDINATOR_ADDRESS)
+    num_processes: int = -1  # else JAX_NUM_PROCESSES (or the cluster's auto-detection)
+    process_id: int = -1  # else JAX_PROCESS_ID
+    progress_bar: bool = True
+    export_onnx: str | None = None  # also write the final sparse model as ONNX
+    interrupt_after_steps: int = -1  # testing: stop after this many steps in all
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+class Task:
+    """One recipe: its model, data, optimizer, train step and evaluation.
+
+    The engine calls, in order: ``setup()`` (returns the model state, a dict of pure-dict trees
+    with at least ``"params"``, and sets ``self.steps``, the steps of each phase), optionally
+    ``pretrain(state)``, then per phase ``optimizer(params)``, ``train_step(tx)``,
+    ``train_batches(phase, seed)``, ``train_record(...)`` and ``evaluate(state, phase)``.
+    """
+
+    phases: ClassVar[tuple[str, ...]] = ("dense", "retrain", "control")
+    metric: ClassVar[str] = "top1"  # results.json "metric"
+    headline: ClassVar[str] = "top1"  # the key of evaluate()'s result that is the headline
+    label: ClassVar[str] = "top-1"  # its name in tables and plots
+    percent: ClassVar[bool] = True  # a fraction, shown x100
+    outputs: ClassVar[tuple[str, ...]] = ()  # run outputs besides RUN_OUTPUTS
+    seed_offsets: ClassVar[dict[str, int]] = {"dense": 0, "retrain": 1, "control": 2}
+    pruning_rules: ClassVar[Any] = None
+    skip_explanations: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, config, workdir: str, wf: "Workflow"):
+        self.config, self.workdir, self.wf = config, workdir, wf
+        self.steps = 0
+        self.model_name = config.model  # results.json "model"
+        self.extra_steps: dict[str, int] = {}  # steps of the task's own phases (pretrain)
+
+    # -- to override ---------------------------------------------------------------------------
+    def setup(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def optimizer(self, params):
+        raise NotImplementedError
+
+    def train_step(self, tx) -> Callable:
+        """``(state, batch, step, phase) -> (state, metrics)``; state: model state + opt_state."""
+        raise NotImplementedError
+
+    def train_batches(self, phase: str, seed: int) -> Iterator:
+        """The phase's training batches (with ``get_state``/``set_state`` to resume)."""
+        raise NotImplementedError
+
+    def train_record(self, fetched: list[dict], step: int) -> dict[str, Any]:
+        """The train log record of the steps since the last one (default: mean loss, accuracy)."""
+        return {"loss": float(np.mean([m["loss"] for m in fetched])),
+                "metric": float(np.mean([m["accuracy"] for m in fetched]))}
+
+    def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {"split": "eval", "loss": None, "metric": result[self.headline]}
+
+    def eval_steps(self) -> set[int]:
+        """Steps of a phase with a held-out evaluation (its last step always has one)."""
+        return {self.steps}
+
+    def eval_during(self, state, phase: str, step: int) -> tuple[dict | None, dict | None]:
+        """(log record or None, the phase's final result or None) after ``step``."""
+        if step not in self.eval_steps() and step != self.steps:
+            return None, None
+        result = self.evaluate(state, phase)
+        return self.eval_record(result), result if step == self.steps else None
+
+    def load_dense(self, source: str, state: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        raise NotImplementedError
+
+    def describe(self, result: dict[str, Any]) -> str:
+        return f"held-out {self.label} {format_value(result[self.headline], self.percent)}"
+
+    def extra_results(self, evals: dict[str, dict | None]) -> dict[str, Any]:
+        return {}
+
+    def table_rows(self, results: dict[str, Any]) -> list[tuple[str, dict]]:
+        """Extra rows of the results table: (label, {phase: value})."""
+        return []
+
+    def table_note(self, results: dict[str, Any]) -> str:
+        return ""
+
+    def write_outputs(self, state: dict[str, Any], evals: dict[str, dict | None]) -> None:
+        """Task-specific files, written by the main process."""
+
+    def export_onnx(self, state: dict[str, Any], path: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
+
+
+def initialize_distributed(config: WorkflowConfig) -> None:
+    """``jax.distributed.initialize`` with the explicit coordinator, process count and id
+    (options, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``);
+    with none of them, JAX's own cluster detection (SLURM, Open MPI, ...)."""
+    address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    count = config.num_processes if config.num_processes >= 0 else int(
+        os.environ.get("JAX_NUM_PROCESSES", -1))
+    index = config.process_id if config.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+    explicit = {"coordinator_address": address, "num_processes": None if count < 0 else count,
+                "process_id": None if index < 0 else index}
+    given = [k for k, v in explicit.items() if v is not None]
+    if given and len(given) < 3:
+        missing = sorted(set(explicit) - set(given))
+        raise ValueError(f"--distributed: got {', '.join(given)} but not {', '.join(missing)}; give "
+                         "all three (or none, for JAX's cluster auto-detection)")
+    if "cpu" in (jax.config.jax_platforms or "") or not _has_accelerator():
+        # CPU processes need a collectives implementation to run cross-process reductions.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+
+
+def _has_accelerator() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                           "libtpu"))
+
+
+def create_mesh(num_devices: int = -1):
+    """A 1-D ``("data",)`` mesh over all devices, or the first ``num_devices`` local ones."""
+    if num_devices is None or num_devices < 0:
+        devices = jax.devices()
+    else:
+        if jax.process_count() > 1:
+            raise ValueError("--devices selects local devices and cannot be used with several "
+                             "processes; every process uses all of its devices")
+        if num_devices > jax.local_device_count():
+            raise ValueError(f"--devices {num_devices}: only {jax.local_device_count()} local "
+                             f"devices are visible ({jax.local_devices()[0].platform})")
+        devices = jax.local_devices()[:num_devices]
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict:
+    """This process's part of a global batch -> global arrays split along ``"data"``."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            for key, value in batch.items()}
+
+
+def shardings(mesh):
+    """(replicated, split along "data") shardings of ``mesh``."""
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+class StepBatches:
+    """An iterator over ``batch_fn(step)``: batches that depend on the step only; its state is
+    the step."""
+
+    def __init__(self, batch_fn: Callable[[int], dict]):
+        self.batch_fn, self.step = batch_fn, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.batch_fn(self.step)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def phase_steps(config, num_train: int) -> int:
+    """``num_train_steps``, or ``num_epochs`` of a ``num_train``-example split."""
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return max(1, int(config.num_epochs * num_train // config.batch_size))
+
+
+@dataclasses.dataclass
+class Workflow:
+    """What every phase shares (``checkpointing.open_phase`` reads ``workdir``, ``config``,
+    ``mesh``, ``log`` and ``print``)."""
+
+    config: Any
+    workdir: str
+    mesh: Any
+    log: Any  # metrics.MetricsLog
+    phases: tuple[str, ...]
+    steps_done: int = 0
+
+    def print(self, *args) -> None:
+        if jax.process_index() == 0:
+            print(*args, flush=True)
+
+
+def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True,
+                disable=not enabled or jax.process_index() != 0, file=sys.stdout, leave=True)
+
+
+def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable, batches: Iterator,
+              total_steps: int, eval_during: Callable | None, resume: bool) -> tuple[dict, dict]:
+    """Trains ``state`` for ``total_steps``: logs, checkpoints, evaluates (``eval_during(state,
+    phase, step) -> (record, final result)``; None: no evaluation). With ``resume``, continues
+    from the phase's latest checkpoint (state, data position, step); a finished phase is restored
+    without running a step. Returns the final state and progress (``progress["eval"]``)."""
+    config = wf.config
+    progress = {"phase": phase, "step": 0, "total_steps": total_steps, "seconds": 0.0, "eval": None}
+    has_state = hasattr(batches, "get_state")
+    ckpt, state, progress, done = checkpointing.open_phase(
+        wf, phase, wf.phases, state, progress, total_steps, resume,
+        data_iterator=batches if has_state else None,
+        final_key=None if eval_during is None else "eval")
+    if done:
+        return state, progress
+    step = progress["step"]
+    started = time.time() - progress["seconds"]
+    bar = _progress_bar(total_steps, step, phase, config.progress_bar)
+    pending, postfix = [], {}
+    while step < total_steps:
+        state, step_metrics = train_step(state, shard_batch(next(batches), wf.mesh), step, phase)
+        step += 1
+        wf.steps_done += 1
+        pending.append(step_metrics)
+        bar.update(1)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            record = wf.task.train_record(jax.device_get(pending), step)
+            pending = []
+            if not np.isfinite(record["loss"]):
+                raise FloatingPointError(f"[{phase}] loss became {record['loss']} at step {step}")
+            wf.log.write({"phase": phase, "step": step, "split": "train", **record})
+            postfix["loss"] = f"{record['loss']:.3f}"
+            bar.set_postfix(**postfix)
+        if eval_during is not None:
+            record, final = eval_during(state, phase, step)
+            if record is not None:
+                wf.log.write({"phase": phase, "step": step, **record})
+                if record.get("metric") is not None:
+                    postfix[wf.task.label] = format_value(record["metric"], wf.task.percent)
+                bar.set_postfix(**postfix)
+            if final is not None:
+                progress["eval"] = final
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            progress.update(step=step, seconds=time.time() - started)
+            if has_state:
+                progress["data_state"] = batches.get_state()
+            ckpt.save(step, state, progress)
+        if 0 < config.interrupt_after_steps <= wf.steps_done and step < total_steps:
+            bar.close()
+            ckpt.close()
+            raise Interrupted(f"[{phase}] stopped after {wf.steps_done} steps "
+                              "(interrupt_after_steps)")
+    bar.close()
+    ckpt.close()
+    return state, progress
+
+
+def prepare_workdir(workdir: str, resume: bool, overwrite: bool,
+                    outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """Creates ``workdir``; a finished run's ``outputs`` are removed (or an unfinished run's, with
+    ``overwrite``) unless resuming. An unfinished run is never lost silently."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and not resume:
+        finished = os.path.exists(os.path.join(workdir, "results.json"))
+        if not (finished or overwrite):
+            raise FileExistsError(
+                f"{workdir} holds an unfinished run; pass --resume to continue it, or "
+                "--overwrite to start again")
+        if jax.process_index() == 0:
+            for name in outputs:
+                path = os.path.join(workdir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+
+
+def exactly_masked(params, masks) -> bool:
+    """Whether ``params`` already equal ``sparse_jax.apply_masks(params, masks)``, bit for bit."""
+    remasked = jax.jit(sparse_jax.apply_masks)(params, masks)
+    return all(np.array_equal(p, a) for p, a in zip(
+        jax.device_get(jax.tree.leaves(params)), jax.device_get(jax.tree.leaves(remasked))))
+
+
+def prune(config, params, rules=None):
+    """(pruned params, masks) by ``config.pruning`` ("magnitude": ``sparse_jax.prune``)."""
+    if config.pruning not in PRUNING_METHODS:
+        raise ValueError(f"pruning {config.pruning!r}: expected one of {PRUNING_METHODS}")
+    return jax.jit(functools.partial(sparse_jax.prune, n=config.sparsity_n, m=config.sparsity_m,
+                                     rules=rules))(params)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def format_value(value: float | None, percent: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" if percent else f"{value:.2f}"
+
+
+def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: bool = False,
+                       overwrite: bool = False) -> dict[str, Any]:
+    """Runs dense -> prune (one-shot eval) -> masked retrain (-> dense control) -> evaluate.
+
+    Args:
+        task_class: the recipe's ``Task``.
+        config: its configuration (a ``WorkflowConfig``).
+        workdir: output directory (results.json, metrics.jsonl, curves.png, checkpoints/).
+        resume: continue from the checkpoints in ``workdir``; gives the same result as an
+            uninterrupted run.
+        overwrite: start again even if ``workdir`` holds an unfinished run.
+
+    Returns:
+        The dict written to ``results.json``.
+    """
+    started, cpu_started = time.time(), _cpu_seconds()
+    if config.distributed:
+        initialize_distributed(config)
+    prepare_workdir(workdir, resume, overwrite, RUN_OUTPUTS + task_class.outputs)
+    main_process = jax.process_index() == 0
+    if main_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json())
+    mesh = create_mesh(config.devices)
+    for name in ("batch_size", "eval_batch_size"):  # the fields of the tasks that have them
+        if getattr(config, name, mesh.size) % mesh.size:
+            raise ValueError(f"{name} {getattr(config, name)} must be a multiple of the "
+                             f"{mesh.size} devices")
+    log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    wf = Workflow(config, workdir, mesh, log, task_class.phases)
+    task = wf.task = task_class(config, workdir, wf)
+    model_state = task.setup()
+    num_params = sum(int(x.size) for x in jax.tree.leaves(model_state["params"]))
+    steps = task.steps
+    compiled: dict[bool, Callable] = {}  # dense and control share one compiled step
+
+    def train(phase: str, model_state: dict, masks=None) -> tuple[dict, dict]:
+        tx = task.optimizer(model_state["params"])
+        if masks is not None:
+            tx = sparse_jax.masked(tx, masks)
+        # The steps may donate their input state: every phase gets its own copies.
+        state = {**jax.tree.map(jnp.copy, model_state),
+                 "opt_state": jax.jit(tx.init)(model_state["params"])}
+        if masks is not None:
+            state["masks"] = jax.tree.map(jnp.copy, masks)
+        if (masks is not None) not in compiled:
+            compiled[masks is not None] = task.train_step(tx)
+        batches = task.train_batches(phase, config.seed + task.seed_offsets[phase])
+        state, progress = run_phase(wf, phase, state, compiled[masks is not None], batches,
+                                    steps, task.eval_during, resume)
+        wf.print(f"[{phase}] {task.describe(progress['eval'])}")
+        return state, progress
+
+    def model_part(state: dict) -> dict:
+        return {k: v for k, v in state.items() if k not in ("opt_state", "masks")}
+
+    def log_once(phase: str, result: dict) -> None:
+        if not any(r["phase"] == phase for r in log.read()):  # a resumed run logged it already
+            log.write({"phase": phase, "step": 0, **task.eval_record(result)})
+
+    # 0. Optional pre-training (the task's own phase, e.g. masked LM).
+    if hasattr(task, "pretrain"):
+        model_state = task.pretrain(model_state, resume)
+
+    # 1. Dense.
+    seconds = {}
+    if config.init_from:
+        model_state, description = task.load_dense(config.init_from, model_state)
+        wf.print(f"[dense] loaded {description}")
+        model_state = jax.device_put(model_state, shardings(mesh)[0])
+        dense = task.evaluate(model_state, "dense")
+        log_once("dense", dense)
+        wf.print(f"[dense] {task.describe(dense)}")
+        dense_steps = 0
+    else:
+        state, progress = train("dense", model_state)
+        model_state, dense, seconds["dense"] = model_part(state), progress["eval"], progress["seconds"]
+        dense_steps = steps
+
+    # 2. Prune and evaluate as is.
+    pruned, masks = prune(config, model_state["params"], task.pruning_rules)
+    pruned_state = {**model_state, "params": pruned}
+    one_shot = task.evaluate(pruned_state, "one_shot")
+    log_once("one_shot", one_shot)
+    wf.print(f"[prune] {config.sparsity_n}:{config.sparsity_m} one-shot {task.describe(one_shot)}")
+
+    # 3. Retrain with the mask fixed: the same schedule, a fresh optimizer.
+    state, progress = train("retrain", pruned_state, masks)
+    final_state, masks = model_part(state), state["masks"]
+    sparse, seconds["retrain"] = progress["eval"], progress["seconds"]
+    exactly_sparse = exactly_masked(final_state["params"], masks)
+    wf.print(f"[retrain] weights exactly {config.sparsity_n}:{config.sparsity_m}: {exactly_sparse}")
+
+    # 4. Dense control: the same extra steps without a mask.
+    control = None
+    if config.control:
+        _, progress = train("control", model_state)
+        control, seconds["control"] = progress["eval"], progress["seconds"]
+
+    evals = {"dense": dense, "one_shot": one_shot, "sparse": sparse, "control": control}
+    report = sparse_jax.sparsity_report(final_state["params"], masks, config.sparsity_n,
+                                        config.sparsity_m, rules=task.pruning_rules)
+    results = {
+        "model": task.model_name,
+        "dataset": task.dataset_name,
+        "metric": task.metric,
+        **{name: None if result is None else result[task.headline]
+           for name, result in evals.items()},
+        "steps": {**task.extra_steps, "dense": dense_steps, "retrain": steps, "control": steps if control else None},
+        "num_params": num_params,
+        **task.extra_results(evals),
+        "exactly_nm_sparse": exactly_sparse,
+        "training_seconds": round(sum(seconds.values()), 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
+        "seconds": round(time.time() - started, 1),
+        "devices": mesh.size, "platform": mesh.devices.flat[0].platform, "jax": jax.__version__,
+    }
+    if main_process:
+        with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
+            f.write(str(report) + "\n")
+        metrics.plot_curves(log.read(), os.path.join(workdir, "curves.png"),
+                            f"{task.model_name} on {task.dataset_name}: dense -> "
+                            f"{config.sparsity_n}:{config.sparsity_m} prune -> retrain",
+                            task.label, task.percent)
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        task.write_outputs(final_state, evals)
+        if config.export_onnx:
+            task.export_onnx(final_state, config.export_onnx)
+            wf.print(f"[export] final {config.sparsity_n}:{config.sparsity_m} model -> "
+                     f"{config.export_onnx} (check: sparse-jax-inspect {config.export_onnx})")
+    else:  # each process's own results, so that one can check they agree
+        with open(os.path.join(workdir, f"results_process{jax.process_index()}.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    wf.print("")
+    wf.print(report_summary(report, os.path.join(workdir, "sparsity_report.txt"),
+                            task.skip_explanations))
+    wf.print("")
+    wf.print(results_table(task, results))
+    wf.print(f"\nwrote {workdir}/results.json, metrics.jsonl, curves.png, sparsity_report.txt, "
+             f"checkpoints/ (sparse model: checkpoints/retrain/{steps})"
+             + "".join(f", {name}" for name in task.outputs
+                       if os.path.exists(os.path.join(workdir, name))))
+    return results
+
+
+def report_summary(report, table_path: str, explanations: dict[str, str] | None = None) -> str:
+    """The sparsity report in a few lines: what was pruned, which kernels stayed dense and why."""
+    pruned = [r for r in report.rows if r.pruned]
+    dense_kernels = [r for r in report.rows if not r.pruned and len(r.shape) >= 2]
+    small = [r for r in report.rows if not r.pruned and len(r.shape) < 2]
+    lines = [f"sparsity report: {len(pruned)} kernels pruned to {report.n}:{report.m}, "
+             f"{len(dense_kernels)} kernel(s) kept dense, {len(small)} biases/norm parameters dense"]
+    for r in dense_kernels:
+        why = (explanations or {}).get(r.path)
+        lines.append(f"  kept dense: {r.path} {'x'.join(map(str, r.shape))}: "
+                     + (f"{why} ({r.reason})" if why else r.reason))
+    lines.append("  " + str(report).splitlines()[-1])  # the report's own totals line
+    lines.append(f"  per-leaf table: {table_path}")
+    return "\n".join(lines)
+
+
+def results_table(task: Task, results: dict[str, Any]) -> str:
+    """Table-2 style rows: dense / one-shot n:m / retrained n:m / dense control."""
+    phases = ("dense", "one_shot", "sparse", "control")
+    rows = [(task.label, {p: results[p] for p in phases})] + task.table_rows(results)
+    lines = ["| model | dataset | metric | dense | 2:4 one-shot | 2:4 retrained | dense control |",
+             "|---|---|---|---|---|---|---|"]
+    for label, values in rows:
+        lines.append(f"| {results['model']} | {results['dataset']} | {label} | " + " | ".join(
+            format_value(values.get(p), task.percent) for p in phases) + " |")
+    steps = results["steps"]
+    note = task.table_note(results)
+    lines.append((note + "; " if note else "") + "steps: " + ", ".join(
+        f"{k} {v}" for k, v in steps.items() if v) + f"; {results['seconds']:.0f} s on "
+        f"{results['devices']} {results['platform']} device(s)")
+    return "\n".join(lines)

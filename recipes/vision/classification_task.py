@@ -1,0 +1,273 @@
+"""Image classification (ResNet-50, ResNeXt-101 32x8d, Xception) as a workflow task.
+
+torchvision's reference training: SGD momentum with weight decay added to the gradient, step
+decay (x``lr_step_factor`` every ``lr_step_epochs``), optional linear warm-up; bf16 compute with
+float32 weights; batch-norm statistics of the whole global batch. Held-out top-1 / top-5 once
+per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from recipes.engine import cli, workflow
+from recipes.vision import input_pipeline, model_configs, models, weights, xception
+from recipes.vision.configs import Config
+
+
+def create_model(config: Config, info: input_pipeline.DatasetInfo, seed: int | None = None):
+    """The NNX model ``config.model`` names, for the dataset's classes and channels."""
+    if config.model == "xception":
+        return xception.create_model(config, info, seed)
+    if config.model not in models.MODELS:
+        raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(models.MODELS)}")
+    constructor = models.MODELS[config.model]  # functools.partial(ResNet, block, stages, ...)
+    block_cls, stage_sizes = constructor.args
+    if config.stage_sizes is not None:
+        stage_sizes = tuple(config.stage_sizes)
+    return models.ResNet(block_cls, stage_sizes, **constructor.keywords,
+                         num_classes=info.num_classes, num_filters=config.num_filters,
+                         in_channels=info.image_shape[-1], stem=config.stem,
+                         small_stem_stride=config.small_stem_stride,
+                         dtype=jnp.dtype(config.compute_dtype),
+                         rngs=models.init_rngs(config.seed if seed is None else seed))
+
+
+def learning_rate_schedule(config: Config, total_steps: int) -> optax.Schedule:
+    """torchvision's StepLR (x``lr_step_factor`` every ``lr_step_epochs``), optional linear warmup.
+
+    Epoch boundaries are placed at the same fractions of the phase when ``num_train_steps``
+    overrides the epoch count, so a shortened run keeps the schedule's shape.
+    """
+    steps_per_epoch = total_steps / config.num_epochs
+    boundaries = {}
+    epoch = config.lr_step_epochs
+    while epoch < config.num_epochs and config.lr_step_epochs > 0:
+        boundaries[int(round(epoch * steps_per_epoch))] = config.lr_step_factor
+        epoch += config.lr_step_epochs
+    schedule = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    if warmup_steps <= 0:
+        return schedule
+
+    def warmed_up(step):
+        # A linear ramp multiplies the step schedule, so the decay epochs do not move.
+        return schedule(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
+
+    return warmed_up
+
+
+def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
+    """torch.optim.SGD(momentum, weight_decay): decay is added to the gradient before momentum."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate_schedule(config, total_steps), momentum=config.momentum,
+                  nesterov=config.nesterov))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(graphdef, tx, mesh, info: input_pipeline.DatasetInfo, compute_dtype):
+    """A jitted ``(state, batch) -> (state, metrics)`` step, data parallel over ``mesh``.
+
+    ``state`` is ``{"params", "batch_stats", "opt_state"}``, replicated; ``batch`` is
+    ``{"image": uint8 NHWC, "label": int32}`` split along ``"data"``.
+    """
+    replicated, data = workflow.shardings(mesh)
+
+    def train_step(state, batch):
+        images = input_pipeline.normalize_images(batch["image"], info.mean, info.std, compute_dtype)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state["batch_stats"])
+            logits = model(images, train=True)
+            loss = jnp.mean(cross_entropy_loss(logits, batch["label"]))
+            return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["label"])
+        new_state = {**state, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return jax.jit(train_step, in_shardings=(replicated, data),
+                   out_shardings=(replicated, replicated))
+
+
+def make_eval_step(graphdef, mesh, info: input_pipeline.DatasetInfo, compute_dtype):
+    """A jitted ``(params, batch_stats, batch) -> sums`` of loss, top-1 and top-5 hits, count."""
+    replicated, data = workflow.shardings(mesh)
+
+    def eval_step(params, batch_stats, batch):
+        images = input_pipeline.normalize_images(batch["image"], info.mean, info.std, compute_dtype)
+        logits = nnx.merge(graphdef, params, batch_stats)(images, train=False)
+        mask, labels = batch["mask"], batch["label"]
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        return {"loss": jnp.sum(cross_entropy_loss(logits, labels) * mask),
+                "top1": jnp.sum((jnp.argmax(logits, axis=-1) == labels) * mask),
+                "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+                "count": jnp.sum(mask)}
+
+    return jax.jit(eval_step, in_shardings=(replicated, replicated, data), out_shardings=replicated)
+
+
+class ClassificationTask(workflow.Task):
+    """ImageFolder trees (ImageNet) or the built-in MNIST subset; top-1 is the headline."""
+
+    metric = headline = "top1"
+    label = "top-1"
+    seed_offsets = {"dense": 0, "retrain": 1, "control": 1}
+    outputs = ("skipped_images.txt",)
+    config_name = "recipes/vision/configs.py"
+    set_example = "--set weight_decay=5e-5 --set compute_dtype=float32"
+    control_help = "on by default for built-in data, off for ImageNet"
+    options = (
+        ("--data-dir", "data_dir", None, "ImageNet-style folder with train/<class>/*.JPEG and "
+         "val/<class>/*.JPEG; selects the full recipe. Without it: built-in MNIST"),
+        ("--init-from", "init_from", None, "dense weights instead of dense training: an orbax "
+         "checkpoint (a run directory or checkpoint step) or torchvision weights as "
+         ".safetensors with torchvision key names"),
+        cli.batch_size_option("256"),
+        ("--epochs", "num_epochs", float, "epochs of each phase (dense and retrain; full recipe: "
+         "90, lr steps every third of it unless --set lr_step_epochs=)"),
+        cli.STEPS,
+        ("--lr", "learning_rate_per_256", float, "learning rate per 256 images (default 0.1)"),
+        cli.workers_option(),
+        ("--skip-bad-images", "skip_bad_images", bool, "skip images that cannot be decoded "
+         "(count them and list their paths) instead of stopping at the first one"),
+        cli.export_option("the final 2:4 model (eval mode, float32 NHWC input)"),
+    )
+
+    @staticmethod
+    def configs(args: argparse.Namespace, model: str) -> Config:
+        config = model_configs.base_config(model, imagenet=bool(args.data_dir))
+        return config.replace(control=False) if args.data_dir else config
+
+    smoke_config = staticmethod(model_configs.smoke_config)
+
+    @staticmethod
+    def dataset_of(args: argparse.Namespace) -> str:
+        return "imagenet" if args.data_dir else "mnist_5k"
+
+    def setup(self) -> dict[str, Any]:
+        config, mesh = self.config, self.wf.mesh
+        self.skipped_log = os.path.join(self.workdir, "skipped_images.txt")
+        self.datasets = input_pipeline.create_datasets(
+            config, skipped_log=self.skipped_log if config.skip_bad_images else None)
+        info = self.info = self.datasets.info
+        self.dataset_name = info.name
+        self.model = create_model(config, info)
+        graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
+        self.graphdef, dtype = graphdef, jnp.dtype(config.compute_dtype)
+        self.eval_step = make_eval_step(graphdef, mesh, info, dtype)
+        self.steps = workflow.phase_steps(config, info.num_train)
+        self.steps_per_epoch = max(1, info.num_train // config.batch_size)
+        self.schedule = learning_rate_schedule(config, self.steps)
+        num_params = sum(x.size for x in jax.tree.leaves(params))
+        self.wf.print(f"{config.model}: {num_params:,} parameters, {info.name}: "
+                      f"{info.num_train:,} train / {info.num_eval:,} held-out images "
+                      f"{info.image_shape}, {info.num_classes} classes")
+        self.wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
+                      f"{config.batch_size}, {self.steps} steps per phase ({self.steps * config.batch_size / info.num_train:.1f}"
+                      f" epochs), lr {config.learning_rate:g}, compute {config.compute_dtype}")
+        return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
+
+    def optimizer(self, params):
+        return create_optimizer(self.config, self.steps)
+
+    def train_step(self, tx):
+        step_fn = make_train_step(self.graphdef, tx, self.wf.mesh, self.info,
+                                  jnp.dtype(self.config.compute_dtype))
+        return lambda state, batch, step, phase: step_fn(state, batch)
+
+    def train_batches(self, phase: str, seed: int):
+        return input_pipeline.train_iterator(self.datasets, batch_size=self.config.batch_size,
+                                             seed=seed, num_workers=self.config.num_workers)
+
+    def train_record(self, fetched: list[dict], step: int) -> dict[str, Any]:
+        return {**super().train_record(fetched, step), "lr": float(self.schedule(step - 1)),
+                "epoch": step / self.steps_per_epoch}
+
+    def eval_steps(self) -> set[int]:
+        every = self.config.eval_every_steps
+        every = every if every > 0 else self.steps_per_epoch
+        return set(range(every, self.steps + 1, every))
+
+    def eval_during(self, state, phase: str, step: int):
+        record, final = super().eval_during(state, phase, step)
+        return (record and {**record, "epoch": step / self.steps_per_epoch}), final
+
+    def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
+        """Top-1 / top-5 accuracy and mean loss over the whole eval split."""
+        totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+        for batch in input_pipeline.eval_batches(self.datasets,
+                                                 batch_size=self.config.eval_batch_size,
+                                                 num_workers=self.config.num_workers,
+                                                 max_examples=self.config.max_eval_examples):
+            sums = self.eval_step(state["params"], state["batch_stats"],
+                                  workflow.shard_batch(batch, self.wf.mesh))
+            for key, value in jax.device_get(sums).items():
+                totals[key] += float(value)
+        count = max(totals["count"], 1.0)
+        return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
+                "loss": totals["loss"] / count, "count": int(totals["count"])}
+
+    def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {"split": "eval", "loss": result["loss"], "metric": result["top1"],
+                "top5": result["top5"]}
+
+    def load_dense(self, source: str, state: dict[str, Any]):
+        description = weights.init_model_from(self.model, source)
+        _, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
+        return {"params": nnx.to_pure_dict(params),
+                "batch_stats": nnx.to_pure_dict(batch_stats)}, description
+
+    def extra_results(self, evals):
+        extra = {"top5": {k: None if v is None else v["top5"] for k, v in evals.items()},
+                 "batch_size": self.config.batch_size, "eval_examples": evals["sparse"]["count"]}
+        if self.config.skip_bad_images:
+            skipped = input_pipeline.read_skipped_log(self.skipped_log)
+            extra["skipped_images"] = {"count": len(skipped), "files": skipped}
+            self.wf.print(f"[data] skipped {len(skipped)} undecodable image(s) (replaced by the "
+                          f"next one of their split), listed in {self.skipped_log}"
+                          + "".join(f"\n  {path}: {why}" for path, why in sorted(skipped.items())))
+        return extra
+
+    def table_rows(self, results):
+        return [("top-5", results["top5"])]
+
+    def table_note(self, results):
+        return f"batch {results['batch_size']}; held-out images: {results['eval_examples']}"
+
+    def export_onnx(self, state: dict[str, Any], path: str) -> None:
+        """Writes the model to ONNX: eval mode, float32, normalized NHWC input."""
+        import sparse_jax.export  # needs the export extra (jax2onnx)
+
+        # Exported in float32: TensorRT picks its own precision (--fp16), onnxruntime runs it as is.
+        graphdef, _, _ = nnx.split(create_model(self.config.replace(compute_dtype="float32"),
+                                                self.info), nnx.Param, nnx.BatchStat)
+        model = nnx.merge(graphdef, jax.device_get(state["params"]),
+                          jax.device_get(state["batch_stats"]))
+        example = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
+        sparse_jax.export.to_onnx(model, [example], path, input_names=["image"])
+
+
+def train_and_evaluate(config: Config, workdir: str, **kwargs) -> dict[str, Any]:
+    """The workflow with this task (``workflow.train_and_evaluate``)."""
+    return workflow.train_and_evaluate(ClassificationTask, config, workdir, **kwargs)
+
+
+def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
+    return cli.main(ClassificationTask, model, description, epilog, argv)
+
