@@ -31,7 +31,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sparse_jax  # noqa: E402
-from recipes.common import models, xception  # noqa: E402
+from recipes.vision import models, xception  # noqa: E402
 
 
 def random_state(abstract_state, seed: int):
@@ -69,7 +69,7 @@ def main() -> None:
     leaves = jax.tree.leaves(state)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"tree: {args.model} (recipes/common), 1000 classes, {len(leaves)} leaves, "
+    print(f"tree: {args.model} (recipes/vision), 1000 classes, {len(leaves)} leaves, "
           f"{sum(x.size for x in leaves):,} values (params and batch statistics)")
 
     def forward(s, x):
