@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import sparse_jax
-from recipes.common import grouped_conv
+from recipes.vision import grouped_conv
 from tests._channel_models import (IMAGE, ResNetBlock, XceptionBlock, bn_members, eval_fn,
                                    randomized)
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import sparse_jax
-from recipes.common import grouped_conv
+from recipes.vision import grouped_conv
 from sparse_jax._permute import _search_group
 from tests._channel_models import IMAGE, ResNetBlock, XceptionBlock, eval_fn, randomized
 
