@@ -529,6 +529,7 @@ class MixedBlock(nnx.Module):
 MIXED_BLOCK_AXES = {"conv": 1, "query": 0, "out": 1, "mix": 1}
 
 
+@pytest.mark.slow  # over ~8 s of CPU; kept green by `pytest -m slow`
 def test_stacked_conv_linear_general_einsum_under_scan():
     @nnx.vmap(in_axes=0, out_axes=0)
     def create(rngs):
@@ -599,6 +600,7 @@ def _pruned_mixed(dtype=None):
     return model
 
 
+@pytest.mark.slow  # over ~8 s of CPU; kept green by `pytest -m slow`
 def test_every_kind_in_one_model_and_bf16_within_tolerance():
     model = _pruned_mixed()
     sparse, report = sparsify(model, report=True)

@@ -22,6 +22,7 @@ def read_bit(packed, shape, index):
     return bool(packed[flat % stretch] >> (flat // stretch) & 1)
 
 
+@pytest.mark.slow  # over ~8 s of CPU; kept green by `pytest -m slow`
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.sampled_from([1, 2, 3, 5, 8, 12, 16, 24]), min_size=0, max_size=4),

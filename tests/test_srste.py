@@ -188,6 +188,7 @@ class MLP(nnx.Module):
         return self.out(nnx.relu(self.norm(self.hidden(x))))
 
 
+@pytest.mark.slow  # over ~8 s of CPU; kept green by `pytest -m slow`
 def test_nnx_mlp_trains_with_srste_model():
     model = MLP(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (64, 8))

@@ -97,6 +97,7 @@ def test_linen_scan_transformer_is_pruned_per_layer(num_layers):
     model.apply({"params": pruned}, x)  # the pruned stack still runs under scan
 
 
+@pytest.mark.slow  # over ~8 s of CPU; kept green by `pytest -m slow`
 def test_linen_scan_masked_training_and_compressed_checkpoint(tmp_path):
     model = LinenStack(4)
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
