@@ -127,6 +127,16 @@ class CocoDetectionSource:
         return self.records[index]
 
 
+def dataset_of(args) -> str:
+    """The dataset a detection recipe's command line names: COCO with --data-dir, else digits."""
+    return "coco2017" if args.data_dir else "digits"
+
+
+def config_of(args, coco_config, builtin_config):
+    """The full-scale COCO config with --data-dir, else the built-in digits one."""
+    return (coco_config() if args.data_dir else builtin_config()).replace(data_dir=args.data_dir)
+
+
 def _open_rgb(path: str) -> np.ndarray:
     from PIL import Image
 

@@ -370,13 +370,10 @@ class MaskRCNNTask(workflow.Task):
 
     @staticmethod
     def configs(args: argparse.Namespace, model: str) -> MaskRCNNConfig:
-        return (coco_config() if args.data_dir else builtin_config()).replace(data_dir=args.data_dir)
+        return coco_data.config_of(args, coco_config, builtin_config)
 
     smoke_config = staticmethod(smoke_config)
-
-    @staticmethod
-    def dataset_of(args: argparse.Namespace) -> str:
-        return "coco2017" if args.data_dir else "digits"
+    dataset_of = staticmethod(coco_data.dataset_of)
 
     def setup(self) -> dict[str, Any]:
         config, mesh, wf = self.config, self.wf.mesh, self.wf
