@@ -1,9 +1,11 @@
-"""The README's example runs and does what it says."""
+"""The README's and the guide's examples run and do what they say."""
 
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guide.md"  # the longer examples live in the guide
 
 
 def readme_example() -> str:
@@ -24,7 +26,7 @@ def test_readme_example_trains_and_stays_2_4(capsys):
 
 
 def stacked_example() -> str:
-    section = README.read_text().split("**Stacked layers**", 1)[1]
+    section = GUIDE.read_text().split("**Stacked layers**", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -32,7 +34,7 @@ def test_readme_stacked_example_prunes_every_layer_slice(capsys):
     import numpy as np
 
     namespace: dict = {}
-    exec(compile(stacked_example(), str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(stacked_example(), str(GUIDE), "exec"), namespace)  # noqa: S102
     printed = capsys.readouterr().out
     assert "every pruned leaf 2:4: yes" in printed
     query = np.asarray(namespace["pruned"]["layers"]["MultiHeadDotProductAttention_0"]["query"]["kernel"])
@@ -40,6 +42,6 @@ def test_readme_stacked_example_prunes_every_layer_slice(capsys):
     for layer in query:  # each layer slice (in, heads, head_dim): at most 2 of 4 along `in`
         groups = (layer != 0).reshape(8, 4, -1).sum(axis=1)
         assert (groups == 2).all()
-    # the printed table matches the README's copy of it
-    readme_table = README.read_text().split("**Stacked layers**", 1)[1].split("```\n", 3)[2]
+    # the printed table matches the guide's copy of it
+    readme_table = GUIDE.read_text().split("**Stacked layers**", 1)[1].split("```\n", 3)[2]
     assert printed.strip() == readme_table.strip().removesuffix("```").strip()
