@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import time
 import typing
@@ -100,6 +101,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_name: str, set_exa
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
                         "code path (all phases, checkpoints, plot) in well under a minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--seeds", type=int, default=1, metavar="K",
+                        help="run the whole workflow K times (seeds seed .. seed+K-1, each in "
+                        "WORKDIR/seed<s>) and report the mean and spread (WORKDIR/seeds.json)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"override any config field, e.g. {set_example} (see {config_name})")
 
@@ -140,6 +144,14 @@ def main(task_class, model: str, description: str, epilog: str,
     workdir = args.workdir or os.path.join(
         "runs", f"{model}_{task_class.dataset_of(args)}{'_smoke' if args.smoke else ''}")
     started = time.time()
+    if args.seeds != 1:
+        from recipes.engine import seeds
+
+        summary = seeds.run_seeds(functools.partial(workflow.train_and_evaluate, task_class),
+                                  config, workdir, args.seeds, task_class.percent,
+                                  resume=args.resume, overwrite=args.overwrite)
+        print(f"total wall time {time.time() - started:.0f} s")
+        return summary
     results = workflow.train_and_evaluate(task_class, config, workdir, resume=args.resume,
                                           overwrite=args.overwrite)
     print(f"total wall time {time.time() - started:.0f} s, CPU time {results['cpu_seconds']:.0f} s")
