@@ -9,17 +9,6 @@ and fine-tuned again with the 2:4 mask, all in a few minutes on a CPU. With ``--
 "Accelerating Sparse Deep Neural Networks": F1 91.9 dense / 91.9 2:4 sparse).
 """
 
-import os
-import sys
-
-# `python recipes/bert_large_squad.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.engine import cli  # noqa: E402  (no jax: --help stays fast
-from recipes.text import bert_configs
-
 EPILOG = """\
 Table 2 (BERT-Large, SQuAD v1.1: F1 91.9 dense / 91.9 2:4 sparse) on one host with 8 GPUs:
   python recipes/bert_large_squad.py \\
@@ -54,6 +43,7 @@ Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_repor
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
     from recipes.text import qa_task
 
     return qa_task.main("bert_large_squad", __doc__, EPILOG, argv)

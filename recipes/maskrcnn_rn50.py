@@ -9,16 +9,6 @@ With ``--data-dir``, runs the real COCO 2017 recipe (Table 2 of NVIDIA's "Accele
 Deep Neural Networks": bbAP 37.9 dense, 37.9 2:4).
 """
 
-import os
-import sys
-
-# `python recipes/maskrcnn_rn50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.detection import maskrcnn_task  # noqa: E402
-
 EPILOG = """\
 Table 2 (Mask R-CNN ResNet-50-FPN on COCO 2017: bbox AP 37.9 dense / 37.9 2:4 sparse; torchvision's
 maskrcnn_resnet50_fpn reports 37.9 box AP and 34.6 mask AP) on one host with 8 GPUs:
@@ -54,4 +44,7 @@ Outputs (in --workdir):  results.json (bbox AP as the metric, mask AP beside it)
 """
 
 if __name__ == "__main__":
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.detection import maskrcnn_task
+
     maskrcnn_task.main("maskrcnn_rn50", __doc__, EPILOG)

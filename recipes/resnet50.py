@@ -5,16 +5,6 @@ download), with ResNet-50's topology at 1/8 width, in a few minutes on a CPU. Wi
 runs the real ImageNet recipe (Table 2 of NVIDIA's "Accelerating Sparse Deep Neural Networks").
 """
 
-import os
-import sys
-
-# `python recipes/resnet50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.engine import cli  # noqa: E402
-
 EPILOG = """\
 Table 2 (ResNet-50 on ImageNet: dense 76.1 / 2:4 sparse 76.2 top-1) on one host with 8 GPUs:
   python recipes/resnet50.py --data-dir /data/imagenet --workdir runs/resnet50_imagenet \\
@@ -43,6 +33,7 @@ Outputs (in --workdir):  results.json, metrics.jsonl, curves.png, sparsity_repor
 """
 
 if __name__ == "__main__":
-    from recipes.vision.classification_task import ClassificationTask
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.vision import classification_task
 
-    cli.main(ClassificationTask, "resnet50", __doc__, EPILOG)
+    classification_task.main("resnet50", __doc__, EPILOG)

@@ -11,16 +11,6 @@ download), with ResNeXt-101 32x8d's topology at 1/8 width, within 10 minutes on 
 Networks": 79.3 dense / 79.3 2:4 sparse top-1).
 """
 
-import os
-import sys
-
-# `python recipes/resnext101_32x8d.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.engine import cli  # noqa: E402
-
 EPILOG = """\
 full scale (Table 2: dense 79.3 / 2:4 sparse 79.3 top-1, ResNeXt-101 32x8d on ImageNet):
   python recipes/resnext101_32x8d.py --data-dir /data/imagenet --workdir runs/resnext101_imagenet
@@ -43,6 +33,7 @@ full scale (Table 2: dense 79.3 / 2:4 sparse 79.3 top-1, ResNeXt-101 32x8d on Im
 """
 
 if __name__ == "__main__":
-    from recipes.vision.classification_task import ClassificationTask
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.vision import classification_task
 
-    cli.main(ClassificationTask, "resnext101_32x8d", __doc__, EPILOG)
+    classification_task.main("resnext101_32x8d", __doc__, EPILOG)

@@ -8,16 +8,6 @@ SSD scaled down (1/8 width, 96x96 input, four feature maps) to finish in minutes
 Neural Networks": bbAP 24.8 dense, 24.8 2:4 sparse).
 """
 
-import os
-import sys
-
-# `python recipes/ssd_rn50.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.detection import ssd_task  # noqa: E402  (imports jax lazily: --help stays fast
-
 EPILOG = """\
 Table 2 (SSD300 v1.1, ResNet-50 backbone, COCO 2017: bbAP 24.8 dense / 24.8 2:4 sparse) on one
 host with 8 GPUs:
@@ -51,4 +41,7 @@ A fair comparison:       --control also trains the dense model for the retrainin
 """
 
 if __name__ == "__main__":
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.detection import ssd_task
+
     ssd_task.main("ssd_rn50", __doc__, EPILOG)

@@ -10,16 +10,6 @@ each other. With ``--data-dir``, runs the real WMT14 English-German recipe (Tabl
 "Accelerating Sparse Deep Neural Networks": BLEU 28.2 dense, 28.5 2:4 sparse).
 """
 
-import os
-import sys
-
-# `python recipes/transformer_wmt.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.text import translation_task  # noqa: E402
-
 EPILOG = """\
 Table 2 (Transformer big on WMT14 EN-DE: dense 28.2 / 2:4 sparse 28.5 BLEU) on one host, 8 GPUs:
   python recipes/transformer_wmt.py --data-dir /data/wmt14_en_de --workdir runs/transformer_wmt14 \\
@@ -56,4 +46,7 @@ A fair comparison:       --control also trains the dense model for the retrainin
 """
 
 if __name__ == "__main__":
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.text import translation_task
+
     translation_task.main("transformer_wmt", __doc__, EPILOG)

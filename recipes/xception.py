@@ -13,16 +13,6 @@ download), with Xception's topology at 1/4 width, within 10 minutes on 2 CPU cor
 Networks": 79.2 dense / 79.2 2:4 sparse top-1).
 """
 
-import os
-import sys
-
-# `python recipes/xception.py` puts recipes/ on sys.path; the shared code is in `recipes`.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.engine import cli  # noqa: E402
-
 EPILOG = """\
 full scale (Table 2: dense 79.2 / 2:4 sparse 79.2 top-1, Xception on ImageNet):
   python recipes/xception.py --data-dir /data/imagenet --workdir runs/xception_imagenet
@@ -47,6 +37,7 @@ full scale (Table 2: dense 79.2 / 2:4 sparse 79.2 top-1, Xception on ImageNet):
 """
 
 if __name__ == "__main__":
-    from recipes.vision.classification_task import ClassificationTask
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.vision import classification_task
 
-    cli.main(ClassificationTask, "xception", __doc__, EPILOG)
+    classification_task.main("xception", __doc__, EPILOG)

@@ -352,7 +352,7 @@ def smoke_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("smoke"))
     # One device: the 8-device data parallelism has its own test, and is slow on 2 cores.
     config = configs.smoke_config(configs.builtin_config()).replace(devices=1)
-    results = classification_task.train_and_evaluate(config, workdir)
+    results = workflow.train_and_evaluate(ClassificationTask, config, workdir)
     return config, workdir, results
 
 
@@ -404,11 +404,12 @@ def test_resume_after_interrupt_gives_same_final_params(smoke_run, tmp_path):
     workdir = str(tmp_path)
     # 6 dense steps, then stop at the 3rd retraining step: the last checkpoint is retrain step 2.
     with pytest.raises(workflow.Interrupted):
-        classification_task.train_and_evaluate(config.replace(interrupt_after_steps=9), workdir)
+        workflow.train_and_evaluate(ClassificationTask, config.replace(interrupt_after_steps=9),
+                                    workdir)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     with pytest.raises(FileExistsError, match="--resume"):
-        classification_task.train_and_evaluate(config, workdir)
-    resumed = classification_task.train_and_evaluate(config, workdir, resume=True)
+        workflow.train_and_evaluate(ClassificationTask, config, workdir)
+    resumed = workflow.train_and_evaluate(ClassificationTask, config, workdir, resume=True)
 
     steps = config.num_train_steps
     for phase in ("retrain", "control"):
@@ -464,8 +465,8 @@ def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
 @pytest.mark.slow
 def test_init_from_orbax_checkpoint_skips_dense_training(smoke_run, tmp_path):
     config, reference_dir, reference = smoke_run
-    results = classification_task.train_and_evaluate(config.replace(init_from=reference_dir, control=False),
-                                       str(tmp_path))
+    results = workflow.train_and_evaluate(
+        ClassificationTask, config.replace(init_from=reference_dir, control=False), str(tmp_path))
     assert results["steps"]["dense"] == 0
     assert results["dense"] == reference["dense"]
     assert results["one_shot"] == reference["one_shot"]

@@ -23,7 +23,7 @@ if REPO_ROOT not in sys.path:
 import sparse_jax  # noqa: E402
 from recipes.engine import cli  # noqa: E402
 from recipes.vision.classification_task import ClassificationTask  # noqa: E402
-from recipes.vision import grouped_conv, model_configs, models, weights, weights_timm, xception
+from recipes.vision import configs, grouped_conv, models, weights, xception
 
 DEPTHWISE_REASON = "depthwise conv (1 input channel per group) cannot be 2:4"
 HI = jax.lax.Precision.HIGHEST
@@ -104,7 +104,7 @@ def test_resnext101_32x8d_has_torchvision_parameter_count():
 def test_xception_has_keras_trainable_parameter_count():
     model = nnx.eval_shape(lambda: xception.Xception(rngs=nnx.Rngs(0)))
     # keras.applications.Xception(): 22,855,952 trainable + 54,528 non-trainable (BN statistics).
-    assert xception.count_trainable_params(model) == 22_855_952
+    assert models.count_params(model) == 22_855_952
     assert num_elements(nnx.state(model, nnx.BatchStat)) == 54_528
 
 
@@ -333,7 +333,7 @@ def test_full_size_xception_timm_keys_and_shapes():
     for path, value in nnx.to_flat_state(state):
         shape = tuple(value.shape)
         shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        ours[weights_timm.timm_key(path)] = shape
+        ours[weights.timm_key(path)] = shape
     assert ours == expected
     assert ours["block12.rep.4.pointwise.weight"] == (1024, 728, 1, 1)  # grows in its last conv
     assert "block12.rep.5.running_var" in ours and "block1.rep.4.running_var" in ours
@@ -356,7 +356,7 @@ def test_xception_timm_import_gives_timm_layout_logits(tmp_path):
                                   state_dict["block1.rep.4.running_var"])
     np.testing.assert_array_equal(model.exit_separable2.pointwise.kernel[...],
                                   state_dict["conv4.pointwise.weight"].transpose(2, 3, 1, 0))
-    exported = weights_timm.export_timm_state_dict(model)
+    exported = weights.export_timm_state_dict(model)
     assert set(exported) == set(state_dict)
     for key, value in state_dict.items():
         if not key.endswith("num_batches_tracked"):
@@ -377,10 +377,10 @@ def test_xception_timm_import_rejects_wrong_shapes_and_keys():
     bad = dict(state_dict, **{"block2.rep.1.pointwise.weight": np.zeros((64, 31, 1, 1), np.float32)})
     with pytest.raises(ValueError, match=r"block2\.rep\.1\.pointwise\.weight.*"
                                          r"blocks/1/separable/0/pointwise/kernel"):
-        weights_timm.import_timm_state_dict(model, bad)
+        weights.import_timm_state_dict(model, bad)
     missing = {k: v for k, v in state_dict.items() if k != "block1.skipbn.bias"}
     with pytest.raises(ValueError, match=r"missing keys.*block1\.skipbn\.bias"):
-        weights_timm.import_timm_state_dict(model, missing)
+        weights.import_timm_state_dict(model, missing)
 
 
 def assert_same_logits_as_torch(torch, reference, model, import_state_dict, image_size):
@@ -408,7 +408,7 @@ def test_xception_logits_equal_timm_for_same_random_weights():
     torch.manual_seed(0)
     reference = timm.create_model(name, pretrained=False, num_classes=10).eval()
     model = nnx.jit(lambda: xception.Xception(num_classes=10, rngs=nnx.Rngs(0)))()
-    assert_same_logits_as_torch(torch, reference, model, weights_timm.import_timm_state_dict, 96)
+    assert_same_logits_as_torch(torch, reference, model, weights.import_timm_state_dict, 96)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,12 +515,12 @@ def epilog(script):
 
 
 def test_full_recipes_use_the_original_schedules():
-    resnext = model_configs.base_config("resnext101_32x8d", imagenet=True)
+    resnext = configs.imagenet_config("resnext101_32x8d")
     assert (resnext.num_epochs, resnext.lr_step_epochs, resnext.lr_step_factor) == (100, 30, 0.1)
     assert (resnext.learning_rate, resnext.momentum, resnext.weight_decay) == (0.1, 0.9, 1e-4)
     assert resnext.image_size == 224 and resnext.batch_size == 256
 
-    xc = model_configs.base_config("xception", imagenet=True)
+    xc = configs.imagenet_config("xception")
     assert (xc.learning_rate, xc.momentum, xc.weight_decay) == (0.045, 0.9, 1e-5)
     assert (xc.lr_step_epochs, xc.lr_step_factor) == (2.0, 0.94)
     assert (xc.image_size, xc.eval_resize_size, xc.preprocessing) == (299, 333, "inception")
@@ -631,5 +631,5 @@ def test_pruned_xception_exports_to_onnx_with_depthwise_convs_dense(tmp_path):
     # KCRS weights: only the depthwise convs (C = 1) and the 3-channel stem are not 2:4 on C.
     assert {c.shape[1] for c in checks if not c.is_24} == {1, 3}
     depthwise = [c for c in checks if c.op == "Conv" and c.shape[1] == 1]
-    assert len(depthwise) == sum(1 for path, _ in xception.layer_shapes(model)
-                                 if path.endswith("depthwise/kernel"))
+    assert len(depthwise) == sum(1 for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                                 if path[-2:] == ("depthwise", "kernel"))

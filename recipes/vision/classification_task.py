@@ -1,10 +1,6 @@
-"""Image classification (ResNet-50, ResNeXt-101 32x8d, Xception) as a workflow task.
-
-torchvision's reference training: SGD momentum with weight decay added to the gradient, step
-decay (x``lr_step_factor`` every ``lr_step_epochs``), optional linear warm-up; bf16 compute with
-float32 weights; batch-norm statistics of the whole global batch. Held-out top-1 / top-5 once
-per epoch.
-"""
+"""Image classification (ResNet-50, ResNeXt-101 32x8d, Xception) as a workflow task:
+torchvision's reference training (SGD momentum, step decay, optional warm-up), bf16 compute with
+float32 weights, batch-norm statistics of the global batch, held-out top-1 / top-5 per epoch."""
 
 from __future__ import annotations
 
@@ -18,33 +14,45 @@ import optax
 from flax import nnx
 
 from recipes.engine import cli, workflow
-from recipes.vision import input_pipeline, model_configs, models, weights, xception
-from recipes.vision.configs import Config
+from recipes.vision import input_pipeline, models, weights, xception
+from recipes.vision.configs import Config, builtin_config, imagenet_config, smoke_config
 
 
-def create_model(config: Config, info: input_pipeline.DatasetInfo, seed: int | None = None):
-    """The NNX model ``config.model`` names, for the dataset's classes and channels."""
+def create_model(config: Config, info: input_pipeline.DatasetInfo):
+    """The NNX model ``config.model`` names, for the dataset's classes and channels.
+
+    Xception reads ``num_filters`` as the width of its first convolution (32 when published;
+    every width scales with it), ``stem`` "imagenet" as its published stride 2 and
+    ``stage_sizes`` ``(k,)`` as ``k`` middle-flow blocks instead of 8.
+    """
+    common = {"num_classes": info.num_classes, "in_channels": info.image_shape[-1],
+              "dtype": jnp.dtype(config.compute_dtype)}
+    rngs = models.init_rngs(config.seed)
     if config.model == "xception":
-        return xception.create_model(config, info, seed)
+        if config.stem not in ("imagenet", "small"):
+            raise ValueError(f"stem must be 'imagenet' or 'small', got {config.stem!r}")
+        if config.stage_sizes is not None and len(config.stage_sizes) != 1:
+            raise ValueError("for Xception, stage_sizes is (number of middle-flow blocks,), got "
+                             f"{tuple(config.stage_sizes)}")
+        middle_blocks = config.stage_sizes[0] if config.stage_sizes else xception.MIDDLE_BLOCKS
+        return xception.Xception(
+            width_multiplier=config.num_filters / xception.STEM_CHANNELS[0],
+            middle_blocks=int(middle_blocks),
+            stem_stride=2 if config.stem == "imagenet" else config.small_stem_stride,
+            **common, rngs=rngs)
     if config.model not in models.MODELS:
         raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(models.MODELS)}")
     constructor = models.MODELS[config.model]  # functools.partial(ResNet, block, stages, ...)
     block_cls, stage_sizes = constructor.args
-    if config.stage_sizes is not None:
-        stage_sizes = tuple(config.stage_sizes)
-    return models.ResNet(block_cls, stage_sizes, **constructor.keywords,
-                         num_classes=info.num_classes, num_filters=config.num_filters,
-                         in_channels=info.image_shape[-1], stem=config.stem,
-                         small_stem_stride=config.small_stem_stride,
-                         dtype=jnp.dtype(config.compute_dtype),
-                         rngs=models.init_rngs(config.seed if seed is None else seed))
+    return models.ResNet(block_cls, config.stage_sizes or stage_sizes, **constructor.keywords,
+                         num_filters=config.num_filters, stem=config.stem,
+                         small_stem_stride=config.small_stem_stride, **common, rngs=rngs)
 
 
 def learning_rate_schedule(config: Config, total_steps: int) -> optax.Schedule:
     """torchvision's StepLR (x``lr_step_factor`` every ``lr_step_epochs``), optional linear warmup.
 
-    Epoch boundaries are placed at the same fractions of the phase when ``num_train_steps``
-    overrides the epoch count, so a shortened run keeps the schedule's shape.
+    With ``num_train_steps`` the boundaries keep their fractions of the phase (the same shape).
     """
     steps_per_epoch = total_steps / config.num_epochs
     boundaries = {}
@@ -77,11 +85,8 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, tx, mesh, info: input_pipeline.DatasetInfo, compute_dtype):
-    """A jitted ``(state, batch) -> (state, metrics)`` step, data parallel over ``mesh``.
-
-    ``state`` is ``{"params", "batch_stats", "opt_state"}``, replicated; ``batch`` is
-    ``{"image": uint8 NHWC, "label": int32}`` split along ``"data"``.
-    """
+    """A jitted ``(state, batch) -> (state, metrics)`` step, data parallel over ``mesh``: ``state``
+    (params, batch_stats, opt_state) replicated, ``batch`` (uint8 NHWC image, label) split."""
     replicated, data = workflow.shardings(mesh)
 
     def train_step(state, batch):
@@ -125,8 +130,6 @@ def make_eval_step(graphdef, mesh, info: input_pipeline.DatasetInfo, compute_dty
 class ClassificationTask(workflow.Task):
     """ImageFolder trees (ImageNet) or the built-in MNIST subset; top-1 is the headline."""
 
-    metric = headline = "top1"
-    label = "top-1"
     seed_offsets = {"dense": 0, "retrain": 1, "control": 1}
     outputs = ("skipped_images.txt",)
     config_name = "recipes/vision/configs.py"
@@ -151,10 +154,9 @@ class ClassificationTask(workflow.Task):
 
     @staticmethod
     def configs(args: argparse.Namespace, model: str) -> Config:
-        config = model_configs.base_config(model, imagenet=bool(args.data_dir))
-        return config.replace(control=False) if args.data_dir else config
+        return (imagenet_config if args.data_dir else builtin_config)(model)
 
-    smoke_config = staticmethod(model_configs.smoke_config)
+    smoke_config = staticmethod(smoke_config)
 
     @staticmethod
     def dataset_of(args: argparse.Namespace) -> str:
@@ -168,19 +170,22 @@ class ClassificationTask(workflow.Task):
         info = self.info = self.datasets.info
         self.dataset_name = info.name
         self.model = create_model(config, info)
-        graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
-        self.graphdef, dtype = graphdef, jnp.dtype(config.compute_dtype)
-        self.eval_step = make_eval_step(graphdef, mesh, info, dtype)
+        self.graphdef = nnx.split(self.model, nnx.Param, nnx.BatchStat)[0]
+        self.eval_step = make_eval_step(self.graphdef, mesh, info, jnp.dtype(config.compute_dtype))
         self.steps = workflow.phase_steps(config, info.num_train)
         self.steps_per_epoch = max(1, info.num_train // config.batch_size)
         self.schedule = learning_rate_schedule(config, self.steps)
-        num_params = sum(x.size for x in jax.tree.leaves(params))
-        self.wf.print(f"{config.model}: {num_params:,} parameters, {info.name}: "
-                      f"{info.num_train:,} train / {info.num_eval:,} held-out images "
+        epochs = self.steps * config.batch_size / info.num_train
+        self.wf.print(f"{config.model}: {models.count_params(self.model):,} parameters, "
+                      f"{info.name}: {info.num_train:,} train / {info.num_eval:,} held-out images "
                       f"{info.image_shape}, {info.num_classes} classes")
         self.wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
-                      f"{config.batch_size}, {self.steps} steps per phase ({self.steps * config.batch_size / info.num_train:.1f}"
-                      f" epochs), lr {config.learning_rate:g}, compute {config.compute_dtype}")
+                      f"{config.batch_size}, {self.steps} steps per phase ({epochs:.1f} epochs), "
+                      f"lr {config.learning_rate:g}, compute {config.compute_dtype}")
+        return self._model_state()
+
+    def _model_state(self) -> dict[str, Any]:
+        _, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
 
     def optimizer(self, params):
@@ -200,8 +205,8 @@ class ClassificationTask(workflow.Task):
                 "epoch": step / self.steps_per_epoch}
 
     def eval_steps(self) -> set[int]:
-        every = self.config.eval_every_steps
-        every = every if every > 0 else self.steps_per_epoch
+        every = self.config.eval_every_steps if self.config.eval_every_steps > 0 else (
+            self.steps_per_epoch)
         return set(range(every, self.steps + 1, every))
 
     def eval_during(self, state, phase: str, step: int):
@@ -211,14 +216,14 @@ class ClassificationTask(workflow.Task):
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
         """Top-1 / top-5 accuracy and mean loss over the whole eval split."""
         totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
-        for batch in input_pipeline.eval_batches(self.datasets,
-                                                 batch_size=self.config.eval_batch_size,
-                                                 num_workers=self.config.num_workers,
-                                                 max_examples=self.config.max_eval_examples):
+        config = self.config
+        for batch in input_pipeline.eval_batches(
+                self.datasets, batch_size=config.eval_batch_size, num_workers=config.num_workers,
+                max_examples=config.max_eval_examples):
             sums = self.eval_step(state["params"], state["batch_stats"],
                                   workflow.shard_batch(batch, self.wf.mesh))
-            for key, value in jax.device_get(sums).items():
-                totals[key] += float(value)
+            totals = {key: totals[key] + float(value)
+                      for key, value in jax.device_get(sums).items()}
         count = max(totals["count"], 1.0)
         return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
                 "loss": totals["loss"] / count, "count": int(totals["count"])}
@@ -229,9 +234,7 @@ class ClassificationTask(workflow.Task):
 
     def load_dense(self, source: str, state: dict[str, Any]):
         description = weights.init_model_from(self.model, source)
-        _, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
-        return {"params": nnx.to_pure_dict(params),
-                "batch_stats": nnx.to_pure_dict(batch_stats)}, description
+        return self._model_state(), description
 
     def extra_results(self, evals):
         extra = {"top5": {k: None if v is None else v["top5"] for k, v in evals.items()},
@@ -263,11 +266,7 @@ class ClassificationTask(workflow.Task):
         sparse_jax.export.to_onnx(model, [example], path, input_names=["image"])
 
 
-def train_and_evaluate(config: Config, workdir: str, **kwargs) -> dict[str, Any]:
-    """The workflow with this task (``workflow.train_and_evaluate``)."""
-    return workflow.train_and_evaluate(ClassificationTask, config, workdir, **kwargs)
-
-
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
+    """The command line of ``recipes/<model>.py`` (``cli.main`` with this task)."""
     return cli.main(ClassificationTask, model, description, epilog, argv)
 

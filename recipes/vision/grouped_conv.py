@@ -1,20 +1,12 @@
 """A drop-in ``lax.conv_general_dilated`` for Flax convolutions that is fast for groups on CPU.
 
-XLA:CPU runs two kinds of convolution very slowly, and ResNeXt and Xception are made of them:
-
-* the kernel gradient of a grouped convolution with several channels per group (ResNeXt's 3x3
-  convolutions): measured 0.74 s for 64x4x4x128 activations and 32 groups of 4 channels, against
-  8 ms for the forward pass;
-* depthwise convolutions (Xception), forward and backward: about 100 MFLOP/s.
-
-On CPU this module computes the same functions another way: a depthwise convolution as a sum of
-``kh * kw`` shifted, per-channel-scaled copies of the input (elementwise work that XLA fuses,
-differentiated by JAX as usual), and a grouped convolution's kernel gradient as one batched
-matmul per kernel tap over the groups. Other convolutions, other layouts and other backends go to
-``lax.conv_general_dilated`` unchanged, so the parameters, their layout and the results are those
-of ``nnx.Conv(feature_group_count=...)``.
-
-Use it as ``nnx.Conv(..., conv_general_dilated=grouped_conv.conv_general_dilated)``.
+XLA:CPU is very slow at the kernel gradient of a grouped convolution (ResNeXt's 3x3: 0.74 s for
+64x4x4x128 activations in 32 groups of 4 channels, 8 ms forward) and at depthwise convolutions
+(Xception: about 100 MFLOP/s). On CPU, a depthwise convolution here is a sum of ``kh * kw``
+shifted, per-channel scaled copies of the input (fused elementwise work) and a grouped kernel
+gradient one batched matmul per kernel tap; everything else goes to ``lax.conv_general_dilated``.
+Parameters and results are those of ``nnx.Conv(feature_group_count=...)``; use it as
+``nnx.Conv(..., conv_general_dilated=grouped_conv.conv_general_dilated)``.
 """
 
 from __future__ import annotations
@@ -40,12 +32,6 @@ def _all_ones(values) -> bool:
     return values is None or all(v == 1 for v in values)
 
 
-def _explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
-    if isinstance(padding, str):
-        return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], window_strides, padding))
-    return tuple((int(lo), int(hi)) for lo, hi in padding)
-
-
 def _taps(x_padded: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
           out_hw: tuple[int, int]):
     """Yields ``((i, j), x_padded[:, i::sh, j::sw, :])`` cut to the output size, per kernel tap."""
@@ -58,15 +44,12 @@ def _taps(x_padded: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, i
                                      channels), (1, sh, sw, 1))
 
 
-def _output_hw(padded_hw, kernel_hw, strides) -> tuple[int, int]:
-    return tuple((size - k) // s + 1 for size, k, s in zip(padded_hw, kernel_hw, strides))
-
-
 def _depthwise(x, kernel, strides, padding, precision, preferred_element_type):
     """``feature_group_count == channels`` as a sum of shifted copies scaled per channel."""
     del precision  # elementwise products are exact in the compute dtype
     x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    out_hw = _output_hw(x_padded.shape[1:3], kernel.shape[:2], strides)
+    out_hw = tuple((size - k) // s + 1
+                   for size, k, s in zip(x_padded.shape[1:3], kernel.shape[:2], strides))
     multiplier = kernel.shape[-1] // x.shape[-1]
     dtype = preferred_element_type or jnp.result_type(x, kernel)
     total = None
@@ -86,7 +69,8 @@ def _grouped(x, kernel, strides, padding, groups, precision, preferred_element_t
 
 
 def _grouped_fwd(x, kernel, strides, padding, groups, precision, preferred_element_type):
-    return _grouped(x, kernel, strides, padding, groups, precision, preferred_element_type), (x, kernel)
+    y = _grouped(x, kernel, strides, padding, groups, precision, preferred_element_type)
+    return y, (x, kernel)
 
 
 def _grouped_bwd(strides, padding, groups, precision, preferred_element_type, residuals, dy):
@@ -99,9 +83,8 @@ def _grouped_bwd(strides, padding, groups, precision, preferred_element_type, re
     # Kernel gradient: for each tap, sum over pixels of x_shift[p, g, c] * dy[p, g, o].
     x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     kh, kw, per_group_in, out_channels = kernel.shape
-    per_group_out = out_channels // groups
     pixels = dy.shape[0] * dy.shape[1] * dy.shape[2]
-    dy_groups = dy.reshape(pixels, groups, per_group_out)
+    dy_groups = dy.reshape(pixels, groups, out_channels // groups)
     rows = []
     for _, shifted in _taps(x_padded, (kh, kw), strides, dy.shape[1:3]):
         x_groups = shifted.reshape(pixels, groups, per_group_in)
@@ -119,13 +102,11 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, **kwargs):
-    """``lax.conv_general_dilated`` with CPU-fast grouped and depthwise paths (same results).
-
-    The fast paths apply on the CPU backend to 2-D NHWC/HWIO convolutions with
-    ``feature_group_count > 1`` and no dilation; everything else is passed through.
-    """
+    """``lax.conv_general_dilated`` with CPU-fast grouped and depthwise paths (same results),
+    for 2-D NHWC/HWIO convolutions with ``feature_group_count > 1`` and no dilation."""
     fast = (jax.default_backend() == "cpu" and feature_group_count > 1 and batch_group_count == 1
-            and _all_ones(lhs_dilation) and _all_ones(rhs_dilation) and not kwargs.get("out_sharding")
+            and _all_ones(lhs_dilation) and _all_ones(rhs_dilation)
+            and not kwargs.get("out_sharding")
             and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers))
     if not fast:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
@@ -133,7 +114,10 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                                         batch_group_count, precision=precision,
                                         preferred_element_type=preferred_element_type, **kwargs)
     strides = tuple(int(s) for s in window_strides)
-    pads = _explicit_padding(lhs.shape, rhs.shape, strides, padding)
+    if isinstance(padding, str):
+        pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if rhs.shape[2] == 1 and feature_group_count == lhs.shape[-1]:
         return _depthwise(lhs, rhs, strides, pads, precision, preferred_element_type)
     return _grouped(lhs, rhs, strides, pads, feature_group_count, precision, preferred_element_type)

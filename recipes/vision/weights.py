@@ -1,19 +1,10 @@
-"""Dense weights from elsewhere: torchvision state dicts (``.safetensors``) and orbax checkpoints.
+"""Dense weights from orbax checkpoints and torchvision / timm state dicts (``.safetensors``).
 
-torchvision names map one to one onto the NNX ResNet (``models.py`` keeps torchvision's attribute
-names); only the layouts differ:
-
-=========================================  ==========================  ======================
-torchvision key                            torch layout                NNX (Flax) layout
-=========================================  ==========================  ======================
-``*.weight`` of a convolution              (out, in/groups, kh, kw)    kernel (kh, kw, in/groups, out)
-``fc.weight``                              (out, in)                   kernel (in, out)
-``*.bias``                                 (out,)                      bias (out,)
-``bnX.weight`` / ``bias``                  (C,)                        scale / bias
-``bnX.running_mean`` / ``running_var``     (C,)                        mean / var (batch stats)
-``bnX.num_batches_tracked``                ()                          (not used)
-``*.downsample.0`` / ``*.downsample.1``                                ``*.downsample.conv`` / ``.bn``
-=========================================  ==========================  ======================
+torchvision's names are the NNX ResNet's (``downsample.0`` / ``.1``: our ``downsample.conv`` /
+``.bn``); timm's ``legacy_xception`` names by position, ours by role (`timm_key`). A convolution
+weight ``(out, in/groups, kh, kw)`` is a Flax kernel ``(kh, kw, in/groups, out)``, a linear one
+``(out, in)`` is ``(in, out)``; batch norm's ``weight``, ``running_mean``, ``running_var`` are
+``scale``, ``mean``, ``var``.
 """
 
 from __future__ import annotations
@@ -27,7 +18,7 @@ from flax import traverse_util
 # Parameters and batch-norm statistics: what a torchvision state dict holds.
 _WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 
-# NNX leaf name -> torchvision parameter name, for BatchNorm and Linear/Conv.
+# NNX leaf name -> torch parameter name, for BatchNorm and Linear/Conv.
 _NNX_TO_TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
                       "var": "running_var"}
 
@@ -36,17 +27,41 @@ def _torch_key(nnx_path: tuple[Any, ...]) -> str:
     """('layer2', 0, 'downsample', 'conv', 'kernel') -> 'layer2.0.downsample.0.weight'."""
     parts = []
     for part in nnx_path[:-1]:
-        part = {"conv": "0", "bn": "1"}.get(part, part) if parts and parts[-1] == "downsample" else part
+        if parts and parts[-1] == "downsample":
+            part = {"conv": "0", "bn": "1"}.get(part, part)
         parts.append(str(part))
     return ".".join(parts + [_NNX_TO_TORCH_LEAF[nnx_path[-1]]])
 
 
-def _torch_to_flax_layout(value: np.ndarray, target_ndim: int) -> np.ndarray:
-    if target_ndim == 4 and value.ndim == 4:  # conv (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
-        return np.transpose(value, (2, 3, 1, 0))
-    if target_ndim == 2 and value.ndim == 2:  # linear (out, in) -> (in, out)
-        return value.T
-    return value
+_TIMM_TOP_LEVEL = {"entry_conv1": "conv1", "entry_bn1": "bn1", "entry_conv2": "conv2",
+                   "entry_bn2": "bn2", "exit_separable1": "conv3", "exit_bn1": "bn3",
+                   "exit_separable2": "conv4", "exit_bn2": "bn4", "fc": "fc"}
+_TIMM_SEPARABLE_PARTS = {"depthwise": "conv1", "pointwise": "pointwise"}
+
+
+def timm_key(nnx_path: tuple[Any, ...]) -> str:
+    """The timm key of an NNX leaf: ``('blocks', 3, 'bn', 1, 'var')`` -> 'block4.rep.5.running_var'.
+
+    timm's ``block{n}.rep`` is one ``nn.Sequential`` of (ReLU, separable conv, batch norm) x 3,
+    without the first ReLU in block 1: separable conv ``j`` is ``rep.{3j+o}``, its batch norm
+    ``rep.{3j+o+1}``, with ``o`` = 0 in block 1 and 1 elsewhere.
+    """
+    head, *rest, leaf = nnx_path
+    if head in _TIMM_TOP_LEVEL:
+        parts = [_TIMM_TOP_LEVEL[head]] + [_TIMM_SEPARABLE_PARTS[p] for p in rest]
+    elif head == "blocks" and rest[1] in ("skip", "skip_bn", "separable", "bn"):
+        block_index, kind, *rest = rest
+        parts = [f"block{int(block_index) + 1}"]
+        rep = 3 * int(rest[0]) + (0 if int(block_index) == 0 else 1) if rest else None
+        if kind in ("skip", "skip_bn"):
+            parts.append(kind.replace("_", ""))
+        elif kind == "separable":
+            parts += ["rep", str(rep), _TIMM_SEPARABLE_PARTS[rest[1]]]
+        else:
+            parts += ["rep", str(rep + 1)]
+    else:
+        raise KeyError(f"no timm name for {'/'.join(map(str, nnx_path))}")
+    return ".".join(parts + [_NNX_TO_TORCH_LEAF[leaf]])
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -58,17 +73,10 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def import_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray],
                       key_of: Callable[[tuple[Any, ...]], str], source: str) -> None:
-    """Copies a PyTorch-layout state dict into ``model`` in place (params and batch stats).
+    """Copies a PyTorch-layout state dict (keys: ``key_of(nnx path)``) into ``model`` in place.
 
-    Args:
-        model: the NNX model to fill.
-        state_dict: torch-layout arrays by key (``num_batches_tracked`` entries are ignored).
-        key_of: the state-dict key of an NNX leaf path.
-        source: whose names these are, for error messages ("torchvision", "timm").
-
-    Raises:
-        ValueError: a key is missing or unexpected, or a shape does not match; the message names
-            the key, the NNX path and both shapes.
+    A missing or unexpected key or a wrong shape raises a ValueError naming ``source``
+    ("torchvision", "timm"), the key, the NNX path and both shapes.
     """
     state = nnx.state(model, _WEIGHTS)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
@@ -83,7 +91,11 @@ def import_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray],
     new_flat = {}
     for key, path in expected_keys.items():
         target = flat[path]
-        value = _torch_to_flax_layout(np.asarray(state_dict[key]), target.ndim)
+        value = np.asarray(state_dict[key])
+        if value.ndim == target.ndim == 4:  # conv (out, in/g, kh, kw) -> (kh, kw, in/g, out)
+            value = np.transpose(value, (2, 3, 1, 0))
+        elif value.ndim == target.ndim == 2:  # linear (out, in) -> (in, out)
+            value = value.T
         if value.shape != target.shape:
             raise ValueError(f"{key}: {source} shape {tuple(np.shape(state_dict[key]))} gives "
                              f"{value.shape} for {'/'.join(map(str, path))}, which expects "
@@ -120,17 +132,27 @@ def export_torchvision_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     return export_state_dict(model, _torch_key)
 
 
+def import_timm_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> None:
+    """Copies a timm ``legacy_xception`` state dict into an Xception in place."""
+    import_state_dict(model, state_dict, timm_key, "timm")
+
+
+def export_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The inverse of `import_timm_state_dict`: torch layouts under timm's key names."""
+    return export_state_dict(model, timm_key)
+
+
 def init_model_from(model: nnx.Module, source: str) -> str:
     """Loads dense weights into ``model`` from ``source``; returns a description of what it was.
 
-    ``source`` is a torchvision ``.safetensors`` file, or an orbax checkpoint written by a recipe:
-    a run directory, its ``checkpoints/dense`` manager directory, or one step directory in it.
+    ``source`` is a torchvision (timm for Xception) ``.safetensors`` file, or an orbax checkpoint
+    written by a recipe: a run directory, its ``checkpoints/dense`` directory, or one step in it.
     """
     if source.endswith(".safetensors"):
-        from recipes.vision import weights_timm, xception
+        from recipes.vision import xception
 
         if isinstance(model, xception.Xception):
-            weights_timm.import_timm_state_dict(model, load_safetensors(source))
+            import_timm_state_dict(model, load_safetensors(source))
             return f"timm legacy_xception weights {source}"
         import_torchvision_state_dict(model, load_safetensors(source))
         return f"torchvision weights {source}"
@@ -138,7 +160,7 @@ def init_model_from(model: nnx.Module, source: str) -> str:
 
     params, batch_stats, where = checkpointing.load_dense_weights(source, model)
     state = nnx.state(model, _WEIGHTS)
-    nnx.replace_by_pure_dict(state, {**_deep_merge(params, batch_stats)})
+    nnx.replace_by_pure_dict(state, _deep_merge(params, batch_stats))
     nnx.update(model, state)
     return f"orbax checkpoint {where}"
 
@@ -148,4 +170,3 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for key, value in b.items():
         out[key] = _deep_merge(out[key], value) if key in out and isinstance(value, dict) else value
     return out
-

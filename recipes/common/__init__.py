@@ -1,1 +1,0 @@
-"""Shared recipe code: models, input pipelines, the dense -> prune -> retrain -> evaluate workflow."""
