@@ -21,12 +21,12 @@ EPILOG = """\
 GPT-2 (124M) on WikiText-2, one GPU:
   python recipes/gpt.py --init-from /models/gpt2 --data-dir /data/wikitext-2-raw \\
       --workdir runs/gpt2_wikitext2
-  /models/gpt2 is a Hugging Face GPT-2 directory (model.safetensors, config.json, tokenizer.json
-  or vocab.json + merges.txt; gpt2-medium/-large/-xl load the same way). /data/wikitext-2-raw
+  /models/gpt2 is a Hugging Face GPT-2 directory (model.safetensors, config.json, tokenizer.json;
+  gpt2-medium/-large/-xl load the same way). /data/wikitext-2-raw
   holds wiki.train.raw, wiki.valid.raw, wiki.test.raw (wikitext-2-raw-v1). Perplexity of
   wiki.test.raw in non-overlapping 1,024-token windows (stride = window), as published for GPT-2;
   128 calibration windows of 1,024 tokens from wiki.train.raw; retraining: 1,000 steps of 8
-  windows, AdamW lr 5e-5, bf16 compute. --retrain-steps 0 stops after the one-shot table.
+  windows, AdamW lr 5e-5, bf16 compute.
   Llama-architecture checkpoints are not supported.
 
 Continue a killed run:   the same command with --resume (same --workdir)

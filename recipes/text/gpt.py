@@ -105,8 +105,6 @@ class GPT(nnx.Module):
 
 
 # -- Hugging Face GPT-2 checkpoints ----------------------------------------------------------
-_HF_LEAF = {"weight": "kernel", "bias": "bias"}
-_HF_NORM = {"weight": "scale", "bias": "bias"}
 _IGNORED = re.compile(r"(^lm_head\.weight$|\.attn\.(masked_)?bias$)")  # tied head, causal buffers
 
 
@@ -116,10 +114,10 @@ def _hf_path(key: str) -> tuple:
     *module, leaf = parts
     if module in (["wte"], ["wpe"]) and leaf == "weight":
         return (module[0], "embedding")
-    names = _HF_NORM if module[-1].startswith("ln_") else _HF_LEAF
-    if leaf not in names:
+    if not module or leaf not in ("weight", "bias"):
         raise KeyError(key)
-    return tuple(int(p) if p.isdigit() else p for p in module) + (names[leaf],)
+    name = "bias" if leaf == "bias" else "scale" if module[-1].startswith("ln_") else "kernel"
+    return tuple(int(p) if p.isdigit() else p for p in module) + (name,)
 
 
 def hf_gpt2_config(path: str, **overrides) -> GPTConfig:
@@ -134,7 +132,7 @@ def hf_gpt2_config(path: str, **overrides) -> GPTConfig:
         positions = shape("wpe.weight")[0]
     layers = 1 + max(int(m.group(1)) for k in keys if (m := re.search(r"h\.(\d+)\.", k)))
     config_json = os.path.join(os.path.dirname(path), "config.json")
-    heads = width // 64
+    heads = max(1, width // 64)
     if os.path.isfile(config_json):
         with open(config_json) as f:
             heads = json.load(f).get("n_head", heads)
@@ -181,11 +179,9 @@ def save_hf_gpt2(params: dict, path: str) -> None:
     """Writes params (a pure dict of this model) as a Hugging Face GPT-2 ``model.safetensors``."""
     from safetensors.numpy import save_file
 
-    reverse = {("embedding",): "weight", ("kernel",): "weight", ("scale",): "weight",
-               ("bias",): "bias"}
     tensors = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         parts = [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path]
-        tensors[".".join(parts[:-1] + [reverse[(parts[-1],)]])] = np.ascontiguousarray(
+        tensors[".".join(parts[:-1] + ["bias" if parts[-1] == "bias" else "weight"])] = np.ascontiguousarray(
             np.asarray(jax.device_get(leaf), np.float32))
     save_file(tensors, path, metadata={"format": "pt"})

@@ -43,7 +43,6 @@ class GPTRecipeConfig(WorkflowConfig):
     model: str = "gpt"
     compute_dtype: str = "float32"
     data_dir: str | None = None  # WikiText-2 raw files; None: the standard library's sources
-    tokenizer: str | None = None  # tokenizer.json (or vocab.json + merges.txt directory)
     vocab_size: int = 2048  # of the BPE trained when there is no tokenizer
     max_text_bytes: int = -1  # smoke runs: a prefix of each split
     n_layer: int = 4
@@ -109,7 +108,6 @@ class GPTTask(workflow.Task):
     outputs = ("tokenizer.json", "sparse_model.safetensors")
     pruning_rules = PRUNING_RULES
     skip_explanations = SKIP_EXPLANATIONS
-    seed_offsets = {"dense": 0, "retrain": 1, "control": 2}
     config_name = "recipes/text/gpt_task.py GPTRecipeConfig"
     set_example = "--set n_layer=6 --set calibration_sequences=64"
     control_help = "off by default"
@@ -118,8 +116,6 @@ class GPTTask(workflow.Task):
          "selects the full recipe. Without it: the standard library's sources"),
         ("--init-from", "init_from", None, "a Hugging Face GPT-2 model.safetensors (or its "
          "directory, with config.json and tokenizer files), or a finished run directory"),
-        ("--tokenizer", "tokenizer", None, "tokenizer.json or a vocab.json + merges.txt "
-         "directory (default: beside --init-from, else a BPE trained on the training text)"),
         ("--steps", "num_train_steps", int, "dense training steps"),
         ("--retrain-steps", "retrain_steps", int, "masked retraining steps"),
         ("--methods", "one_shot_methods", None, "comma-separated one-shot methods "
@@ -144,7 +140,9 @@ class GPTTask(workflow.Task):
         self.dataset_name = "wikitext2" if config.data_dir else "stdlib"
         hf_file = hf_weights(config.init_from)
         saved = os.path.join(self.workdir, "tokenizer.json")
-        source = config.tokenizer or (os.path.dirname(hf_file) if hf_file else None)
+        run_tokenizer = os.path.join(config.init_from or "", "tokenizer.json")  # a run directory
+        source = (os.path.dirname(hf_file) if hf_file  # GPT-2's own tokenizer.json
+                  else config.init_from if os.path.isfile(run_tokenizer) else None)
         if source or os.path.isfile(saved):
             tokenizer = gpt_data.load_tokenizer(source or saved)
             wf.print(f"tokenizer: {source or saved} ({tokenizer.get_vocab_size():,} tokens)")
@@ -163,14 +161,16 @@ class GPTTask(workflow.Task):
             self.model_cfg = gpt.GPTConfig(tokenizer.get_vocab_size(), config.seq_len,
                                            config.n_embd, config.n_layer, config.n_head,
                                            dtype=config.compute_dtype)
-        if config.seq_len > self.model_cfg.n_positions:
-            raise ValueError(f"seq_len {config.seq_len} > the model's {self.model_cfg.n_positions} "
-                             "positions")
         self.graphdef, params = nnx.split(gpt.GPT(self.model_cfg, nnx.Rngs(config.seed)), nnx.Param)
         self.steps = config.num_train_steps
-        self.phase = "dense"
-        self.one_shot: dict[str, dict] = {}
-        self._build_steps()
+        self.phase, self.one_shot = "dense", {}
+        replicated, data = workflow.shardings(self.wf.mesh)
+
+        def eval_step(params, tokens, weights):
+            nll = next_token_nll(nnx.merge(self.graphdef, params)(tokens), tokens)
+            return jnp.sum(nll.sum(-1) * weights), jnp.sum(weights) * nll.shape[1]
+
+        self.eval_step = jax.jit(eval_step, in_shardings=(replicated, data, data))
         cfg, counts = self.model_cfg, {k: f"{len(v):,}" for k, v in self.streams.items()}
         wf.print(f"gpt: {cfg.n_layer} layers, d {cfg.n_embd}, {cfg.n_head} heads, "
                  f"{cfg.n_positions} positions, vocabulary {cfg.vocab_size:,}: "
@@ -178,16 +178,6 @@ class GPTTask(workflow.Task):
         wf.print(f"{self.dataset_name} tokens: {counts}; windows of {config.seq_len}, batch "
                  f"{config.batch_size}; steps: dense {self.steps}, retrain {config.retrain_steps}")
         return {"params": nnx.to_pure_dict(params)}
-
-    def _build_steps(self) -> None:
-        replicated, data = workflow.shardings(self.wf.mesh)
-        graphdef = self.graphdef
-
-        def eval_step(params, tokens, weights):
-            nll = next_token_nll(nnx.merge(graphdef, params)(tokens), tokens)
-            return jnp.sum(nll.sum(-1) * weights), jnp.sum(weights) * nll.shape[1]
-
-        self.eval_step = jax.jit(eval_step, in_shardings=(replicated, data, data))
 
     def phase_steps(self, phase: str) -> int:
         self.phase = phase  # asked first in each phase: optimizer() then builds its schedule
