@@ -229,8 +229,8 @@ def test_smoke_run_and_resumed_run_equal_the_uninterrupted_one(tmp_path, capsys)
         checks = sparse_inspect.inspect_onnx(tmp_path / "m.onnx")
         assert len(checks) == 8 and all(c.is_24 for c in checks)
     config = gpt_task.smoke_config(gpt_task.builtin_config())
-    with pytest.raises(workflow.Interrupted):  # in the middle of retraining
-        gpt_task.train_and_evaluate(config.replace(interrupt_after_steps=8), str(tmp_path / "resumed"))
+    with pytest.raises(workflow.Interrupted):  # after retraining step 3 (checkpointed), of 4
+        gpt_task.train_and_evaluate(config.replace(interrupt_after_steps=9), str(tmp_path / "resumed"))
     resumed = gpt_task.train_and_evaluate(config, str(tmp_path / "resumed"), resume=True)
     for key in ("dense", "one_shot", "sparse", "one_shot_perplexity"):
         assert resumed[key] == whole[key], key
