@@ -221,6 +221,11 @@ class GPTTask(workflow.Task):
             stream, config.batch_size, config.seq_len, [seed, step])[
                 jax.process_index() * rows:(jax.process_index() + 1) * rows]})
 
+    def train_record(self, fetched, step):  # metric: perplexity of the training batches
+        loss = float(np.mean([m["loss"] for m in fetched]))
+        return {"loss": loss, "metric": float(np.exp(loss)),
+                "accuracy": float(np.mean([m["accuracy"] for m in fetched]))}
+
     def evaluate(self, state, phase: str, split: str | None = None, max_windows: int = -1):
         if phase == "one_shot" and self.one_shot:  # prune_step evaluated the chosen model already
             return self.one_shot[self.best_method]
