@@ -145,6 +145,13 @@ class Task:
     def load_dense(self, source: str, state: dict[str, Any]) -> tuple[dict[str, Any], str]:
         raise NotImplementedError
 
+    def phase_steps(self, phase: str) -> int:
+        """Steps of ``phase``, asked first thing in each phase (default: ``self.steps``)."""
+        return self.steps
+
+    # Optional: ``prune_step(model_state) -> (pruned params, masks)`` replaces the engine's
+    # ``prune`` (e.g. one-shot methods that need calibration data).
+
     def describe(self, result: dict[str, Any]) -> str:
         return f"held-out {self.label} {format_value(result[self.headline], self.percent)}"
 
@@ -414,6 +421,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     compiled: dict[bool, Callable] = {}  # dense and control share one compiled step
 
     def train(phase: str, model_state: dict, masks=None) -> tuple[dict, dict]:
+        total_steps = task.phase_steps(phase)
         tx = task.optimizer(model_state["params"])
         if masks is not None:
             tx = sparse_jax.masked(tx, masks)
@@ -426,7 +434,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
             compiled[masks is not None] = task.train_step(tx)
         batches = task.train_batches(phase, config.seed + task.seed_offsets[phase])
         state, progress = run_phase(wf, phase, state, compiled[masks is not None], batches,
-                                    steps, task.eval_during, resume)
+                                    total_steps, task.eval_during, resume)
         wf.print(f"[{phase}] {task.describe(progress['eval'])}")
         return state, progress
 
@@ -457,7 +465,10 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         dense_steps = steps
 
     # 2. Prune and evaluate as is.
-    pruned, masks = prune(config, model_state["params"], task.pruning_rules)
+    if hasattr(task, "prune_step"):
+        pruned, masks = task.prune_step(model_state)
+    else:
+        pruned, masks = prune(config, model_state["params"], task.pruning_rules)
     pruned_state = {**model_state, "params": pruned}
     one_shot = task.evaluate(pruned_state, "one_shot")
     log_once("one_shot", one_shot)
@@ -485,7 +496,8 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         "metric": task.metric,
         **{name: None if result is None else result[task.headline]
            for name, result in evals.items()},
-        "steps": {**task.extra_steps, "dense": dense_steps, "retrain": steps, "control": steps if control else None},
+        "steps": {**task.extra_steps, "dense": dense_steps, "retrain": task.phase_steps("retrain"),
+                  "control": task.phase_steps("control") if control else None},
         "num_params": num_params,
         **task.extra_results(evals),
         "exactly_nm_sparse": exactly_sparse,
@@ -517,7 +529,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     wf.print("")
     wf.print(results_table(task, results))
     wf.print(f"\nwrote {workdir}/results.json, metrics.jsonl, curves.png, sparsity_report.txt, "
-             f"checkpoints/ (sparse model: checkpoints/retrain/{steps})"
+             f"checkpoints/ (sparse model: checkpoints/retrain/{results['steps']['retrain']})"
              + "".join(f", {name}" for name in task.outputs
                        if os.path.exists(os.path.join(workdir, name))))
     return results
