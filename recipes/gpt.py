@@ -8,15 +8,6 @@ one, and the held-out perplexity of each. With ``--init-from`` a Hugging Face GP
 ``model.safetensors`` and ``--data-dir`` WikiText-2, the published GPT-2 evaluation.
 """
 
-import os
-import sys
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(1, _REPO_ROOT)
-
-from recipes.text import gpt_task  # noqa: E402
-
 EPILOG = """\
 GPT-2 (124M) on WikiText-2, one GPU:
   python recipes/gpt.py --init-from /models/gpt2 --data-dir /data/wikitext-2-raw \\
@@ -40,4 +31,7 @@ A fair comparison:       --control also trains the dense model for the retrainin
 """
 
 if __name__ == "__main__":
+    import _repo_root  # noqa: F401  (puts the repository root on sys.path)
+    from recipes.text import gpt_task
+
     gpt_task.main("gpt", __doc__, EPILOG)
