@@ -322,11 +322,23 @@ def test_digits_set_is_cached_and_rewritten_for_another_spec(tmp_path):
         digits_detection.DigitsSpec(image_size=32, max_digit_size=40)
 
 
+def _ground_truth_as_detections(ground_truth, iou_type="bbox"):
+    """Every non-crowd ground-truth object as a detection with score 1 (a perfect detector)."""
+    records = []
+    for ann in ground_truth.loadAnns(ground_truth.getAnnIds(iscrowd=False)):
+        record = {"image_id": ann["image_id"], "category_id": ann["category_id"],
+                  "bbox": list(ann["bbox"]), "score": 1.0}
+        if iou_type == "segm":
+            record["segmentation"] = ground_truth.annToRLE(ann)
+        records.append(record)
+    return records
+
+
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_coco_evaluator_scores_ground_truth_as_perfect(digits_dir, iou_type):
     gt = coco_eval.load_ground_truth(os.path.join(digits_dir, "annotations",
                                                   "instances_val2017.json"))
-    perfect = coco_eval.ground_truth_as_detections(gt, iou_type)
+    perfect = _ground_truth_as_detections(gt, iou_type)
     summary = coco_eval.evaluate(gt, perfect, iou_type)
     assert list(summary) == list(coco_eval.SUMMARY_NAMES)
     assert summary["AP"] == summary["AP50"] == summary["AP75"] == summary["AR100"] == 1.0
@@ -344,7 +356,7 @@ def test_coco_evaluator_penalises_shifted_boxes_and_checks_input(digits_dir):
     gt = coco_eval.load_ground_truth(os.path.join(digits_dir, "annotations",
                                                   "instances_val2017.json"))
     shifted = []
-    for record in coco_eval.ground_truth_as_detections(gt):
+    for record in _ground_truth_as_detections(gt):
         x, y, w, h = record["bbox"]
         shifted.append({**record, "bbox": [x + 0.3 * w, y, w, h]})  # IoU 0.7 / 1.3 = 0.54
     summary = coco_eval.evaluate(gt, shifted)

@@ -1,10 +1,7 @@
-"""Instance segmentation with Mask R-CNN (ResNet-50-FPN; COCO 2017 or the built-in digits) as a task.
-
-torchvision's detection reference: SGD momentum 0.9, lr 0.02 per 16 images, weight decay 1e-4,
-linear warm-up from 1/1000, x0.1 at epochs 16 and 22 of 26, frozen stages untouched. Pruned:
-every conv and linear kernel of the backbone, FPN, RPN head, box and mask heads, 2:4 along its
-input axis (the 3-channel stem conv cannot be). Evaluation is torchvision's inference (masks
-pasted on the original image at 0.5) scored by pycocotools' bbox AP (the headline) and segm AP.
+"""Mask R-CNN (ResNet-50-FPN; COCO 2017 or the built-in digits) as a task: torchvision's
+detection reference, every conv and linear kernel pruned 2:4 along its input axis (not the
+3-channel stem), scored by pycocotools' bbox AP (the headline) and segm AP of torchvision's
+inference (masks pasted on the original image at 0.5).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import optax
 from flax import nnx
 
 from recipes.detection import (boxes as box_ops, coco_data, coco_eval, digits_detection, maskrcnn,
-                               maskrcnn_data, rcnn_ops)
+                               rcnn_ops)
 from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
 from recipes.vision import input_pipeline, weights
@@ -95,21 +92,9 @@ def coco_config() -> MaskRCNNConfig:
 
 
 def builtin_config() -> MaskRCNNConfig:
-    """The default: the digits detection set (96x96 canvases, 1..4 digits of 14..40 pixels)
-    with ResNet-50-FPN scaled down (one bottleneck per stage, 1/8 width; FPN 32 channels, box
-    head 128, mask head 32), trained from scratch in minutes on 2 CPU cores.
-
-    From scratch there are no pretrained statistics for the frozen BatchNorms: their scale and
-    bias are trained instead (the last one of each residual branch starting at 0), every stage
-    trains, anchors are 16..64 pixels (the digits' sizes) and the RoI level mapping's canonical
-    size is 56 (a quarter of 224, like the images' scale against COCO's). Proposals (300 / 150),
-    sampled RoIs (64, so 16 mask RoIs) and detections (20) are scaled down with the images.
-    Multi-scale training: short side 80, 88 or 96. The schedule keeps the reference's shape
-    (warm-up, x0.1 at 16/26 and 22/26 of each phase) over 600 steps of 8 images, lr 0.08 per 16
-    images; the dense control runs too. XLA compiles at its default optimisation level: level 0
-    (``fast_compile``) saves about 7 s a compile but made these steps about 3x slower (1.2 s
-    against 0.4 s on the shared 2-core machine).
-    """
+    """The default: the digits set with ResNet-50-FPN scaled down (one bottleneck a stage, 1/8
+    width), from scratch on 2 CPU cores (recipes/README.md): no pretrained statistics, so the
+    frozen BatchNorms' scale and bias train (each residual branch's last from 0)."""
     return MaskRCNNConfig(
         num_filters=8, stage_sizes=(1, 1, 1, 1), fpn_channels=32, representation_size=128,
         mask_channels=32, trainable_layers=5, train_norm_affine=True,
@@ -140,7 +125,7 @@ def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
 @dataclasses.dataclass
 class Data:
     name: str
-    train: Any  # maskrcnn_data.MaskSource
+    train: Any  # coco_data.CocoDetectionSource with masks
     val: Any
     num_classes: int  # with the background
 
@@ -157,8 +142,8 @@ def prepare_data(config: MaskRCNNConfig, workdir: str, log: Callable = print) ->
                          f"digits_coco_{spec.num_train_images}_{spec.num_val_images}"),
             spec=spec, log=log)
         name = "digits_detection"
-    train = maskrcnn_data.MaskSource(directory, "train2017", skip_empty=True)
-    val = maskrcnn_data.MaskSource(directory, "val2017")
+    train = coco_data.CocoDetectionSource(directory, "train2017", skip_empty=True, masks=True)
+    val = coco_data.CocoDetectionSource(directory, "val2017", masks=True)
     # COCO: torchvision's 91 outputs are indexed by category id; elsewhere labels 1..C.
     num_classes = 91 if config.data_dir else train.num_classes
     if config.data_dir:
@@ -182,10 +167,8 @@ def _transform_args(config: MaskRCNNConfig, train: bool) -> dict[str, Any]:
 
 
 def learning_rate_schedule(config: MaskRCNNConfig, total_steps: int):
-    """torchvision's detection reference: linear warm-up (``warmup_factor`` -> 1 over
-    ``warmup_steps``) times MultiStepLR (x0.1 at ``lr_step_epochs``, as fractions of the
-    phase's epochs when ``num_train_steps`` shortens it)."""
-
+    """torchvision's detection reference: linear warm-up (``warmup_factor`` -> 1) times x0.1 at
+    ``lr_step_epochs`` (at the same fractions of the phase under ``num_train_steps``)."""
     steps_per_epoch = total_steps / config.num_epochs
     boundaries = {int(round(e * steps_per_epoch)): 0.1 for e in config.lr_step_epochs
                   if e < config.num_epochs}
@@ -215,9 +198,7 @@ def create_optimizer(config: MaskRCNNConfig, total_steps: int, params, model_con
 
 
 def normalize(images, image_hw, dtype):
-    """uint8 canvases -> ImageNet-normalised, zero in the padding (torchvision normalises, then
-    pads with 0)."""
-
+    """uint8 canvases -> ImageNet-normalised, zero in the padding (as torchvision)."""
     x = input_pipeline.normalize_images(images, coco_data.IMAGENET_MEAN, coco_data.IMAGENET_STD,
                                         jnp.float32)
     rows = jnp.arange(images.shape[1])[None, :, None] < image_hw[:, 0, None, None]
@@ -273,26 +254,18 @@ def make_inference_fns(graphdef, **jit_options):
     return boxes_fn, masks_fn
 
 
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """Binary ``(D, H, W)`` masks as COCO compressed RLEs (``counts`` a string)."""
-    from pycocotools import mask as mask_util
-
-    rles = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
 def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_config):
     """COCO result records (boxes and RLE masks on the original images) for the val split."""
-
     boxes_fn, masks_fn = fns
     records = []
     num_dets = model_config.detections_per_img
-    for batch in maskrcnn_data.eval_batches(data.val, batch_size=config.eval_batch_size,
-                                            max_images=config.max_eval_images,
-                                            num_workers=config.num_workers,
-                                            **_transform_args(config, train=False)):
+    transform = functools.partial(coco_data.maskrcnn_transform, rng=None,
+                                  **_transform_args(config, train=False))
+    for batch, count in coco_data.eval_batches(data.val, transform,
+                                               batch_size=config.eval_batch_size,
+                                               max_images=config.max_eval_images,
+                                               num_workers=config.num_workers):
+        batch["image_hw"][count:] = batch["image_hw"][0]  # the padding: any valid size
         features, scores, boxes, valid = boxes_fn(params, batch_stats, batch["image"],
                                                   batch["image_hw"])
         scores, boxes, valid = jax.device_get((scores, boxes, valid))
@@ -305,15 +278,14 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
             det_boxes[i, :len(b)], det_labels[i, :len(b)] = b, lab
             found.append((b, s, lab))
         probs = np.asarray(masks_fn(params, batch_stats, features, det_boxes, det_labels))
-        for i in range(n):
-            if not batch["valid"][i]:
-                continue
+        for i in range(count):
             b, s, lab = found[i]
             height, width = (int(v) for v in batch["size"][i])
             resized_h, resized_w = (int(v) for v in batch["image_hw"][i])
             scale = np.asarray([width / resized_w, height / resized_h] * 2, np.float32)
             b = b * scale
-            rles = encode_masks(rcnn_ops.paste_masks(probs[i, :len(b)], b, (height, width)) > 0.5)
+            pasted = rcnn_ops.paste_masks(probs[i, :len(b)], b, (height, width)) > 0.5
+            rles = [digits_detection.encode_mask(mask) for mask in pasted]
             category_ids = [data.val.category_ids[int(label) - 1] for label in lab]
             records += coco_eval.detection_records([int(batch["image_id"][i])] * len(b),
                                                    category_ids, box_ops.xyxy_to_xywh(b), s, rles)
@@ -324,9 +296,7 @@ def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
              model_config) -> dict[str, Any]:
     """bbox and segm COCO summaries (``{"bbox": AP, "segm": AP, "bbox_summary": {...}, ...}``)."""
     records = predict(fns, params, batch_stats, data, config, model_config)
-    image_ids = [r["image_id"] for r in data.val.records]
-    if config.max_eval_images > 0:
-        image_ids = image_ids[:config.max_eval_images]
+    image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
     result: dict[str, Any] = {"detections": len(records), "images": len(image_ids)}
     for iou_type in METRIC_NAMES:
         summary = coco_eval.evaluate(data.val.annotation_file, records, iou_type,
@@ -340,7 +310,6 @@ def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
 
 def load_dense_weights(source: str, model) -> str:
     """Dense weights into ``model``: torchvision ``.safetensors`` or a finished run."""
-
     if source.endswith(".safetensors"):
         maskrcnn.import_torchvision_state_dict(model, weights.load_safetensors(source))
         return f"torchvision weights {source}"
@@ -411,9 +380,11 @@ class MaskRCNNTask(workflow.Task):
         return train_step
 
     def train_batches(self, phase: str, seed: int):
-        return maskrcnn_data.train_iterator(self.data.train, batch_size=self.config.batch_size,
-                                            seed=seed, num_workers=self.config.num_workers,
-                                            **_transform_args(self.config, train=True))
+        transform = functools.partial(coco_data.maskrcnn_transform,
+                                      **_transform_args(self.config, train=True))
+        return coco_data.train_iterator(self.data.train, transform,
+                                        batch_size=self.config.batch_size, seed=seed,
+                                        num_workers=self.config.num_workers)
 
     def train_record(self, fetched: list[dict], step: int) -> dict[str, Any]:
         return {"metric": None, "lr": float(self.schedule(step - 1)),

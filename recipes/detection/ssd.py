@@ -1,28 +1,11 @@
-"""NVIDIA's SSD300 v1.1 with a ResNet-50 backbone, in Flax NNX.
+"""NVIDIA's SSD300 v1.1 with a ResNet-50 backbone, in Flax NNX (DeepLearningExamples,
+PyTorch/Detection/SSD, ``ssd/model.py``; figures quoted, code written here).
 
-Architecture (NVIDIA DeepLearningExamples, PyTorch/Detection/SSD, ``ssd/model.py``; figures
-quoted, code written here):
-
-* **backbone**: torchvision's ResNet-50 (``models.ResNet``, torchvision's names, so torchvision
-  weights import one to one) up to ``layer3`` (conv4), with the stride of ``layer3``'s first
-  block removed (its 3x3 convolution and its projection shortcut): at 300x300 the last feature
-  map is 38x38x1024. ``layer4`` and ``fc`` are not part of the model.
-* **extra feature layers**: five blocks ``1x1 conv -> BN -> ReLU -> 3x3 conv -> BN -> ReLU``
-  (convolutions without bias) with (output, middle) channels (512, 256), (512, 256), (256, 128),
-  (256, 128), (256, 128); the first three have stride 2 and padding 1, the last two neither:
-  38 -> 19 -> 10 -> 5 -> 3 -> 1.
-* **heads**: per feature map, a 3x3 convolution (padding 1, with bias) for the box offsets
-  (``boxes x 4`` channels) and one for the class scores (``boxes x classes``), with 4, 6, 6, 6,
-  4, 4 default boxes per cell: 8732 boxes at 300x300. Extras and heads start from Xavier-uniform
-  weights (NVIDIA's ``_init_weights``).
-
-The head outputs are NHWC and reshaped to ``(N, H * W * boxes, ...)``, so that default boxes are
-ordered row, column, box within each map (``ssd_boxes.default_boxes`` uses the same order;
-NVIDIA's NCHW code orders box, row, column: only the flattening differs).
-
-``width`` scales every channel count (``num_filters = 64 * width`` in the backbone), and
-``extra_strides`` chooses the extra layers (``(2, 2, 2, 1, 1)`` for SSD300), which together with
-a smaller input gives the scaled-down model of the built-in default.
+torchvision's ResNet-50 (torchvision names: its weights import one to one) up to ``layer3`` with
+that stage's stride removed (38x38x1024 at 300x300); five extra blocks (38 -> 19 -> 10 -> 5 -> 3
+-> 1); per map 3x3 heads for offsets and class scores, Xavier-uniform (NVIDIA's
+``_init_weights``). NHWC heads order default boxes row, column, box. ``width`` scales every
+channel count and ``extra_strides`` picks the extra layers (the built-in default's small model).
 """
 
 from __future__ import annotations
@@ -47,10 +30,8 @@ _xavier = nnx.initializers.xavier_uniform()
 def resnet_backbone(*, num_filters: int = 64, stage_sizes=BACKBONE_STAGES, stem: str = "imagenet",
                     in_channels: int = 3, dtype: Any = jnp.float32,
                     rngs: nnx.Rngs) -> models.ResNet:
-    """torchvision's ResNet-50 without ``layer4`` and ``fc``, ``layer3`` at stride 1.
-
-    Call it as ``backbone.features(x, train, num_stages=3)``.
-    """
+    """torchvision's ResNet-50 without ``layer4`` and ``fc``, ``layer3`` at stride 1 (call
+    ``backbone.features(x, train, num_stages=3)``)."""
     backbone = models.ResNet(models.Bottleneck, (*stage_sizes, 1), num_classes=1,
                              num_filters=num_filters, in_channels=in_channels, stem=stem,
                              dtype=dtype, rngs=rngs)
@@ -84,17 +65,9 @@ class ExtraBlock(nnx.Module):
 
 
 class SSD(nnx.Module):
-    """SSD300 (NVIDIA v1.1) with a ResNet-50 backbone.
-
-    Args:
-        num_classes: classes including the background (81 for COCO).
-        boxes_per_location: default boxes per cell of each feature map (``1 + len(extra_strides)``
-            maps); ``DefaultBoxSpec.boxes_per_location`` gives them.
-        width: channel multiplier (1.0: SSD300; 0.125: the built-in default).
-        extra_strides: one per extra layer: 2 (3x3, stride 2, padding 1) or 1 (3x3 unpadded).
-        stem: the backbone's stem (``"imagenet"``: torchvision's 7x7/2 + max-pool).
-        dtype: computation dtype; parameters are float32.
-    """
+    """SSD300 (NVIDIA v1.1): ``num_classes`` with the background, ``boxes_per_location`` per
+    feature map (``1 + len(extra_strides)``), ``width`` a channel multiplier, ``extra_strides``
+    2 (padded) or 1 (valid) per extra layer; float32 parameters."""
 
     def __init__(self, num_classes: int = 81, *,
                  boxes_per_location: tuple[int, ...] = (4, 6, 6, 6, 4, 4),
@@ -171,8 +144,8 @@ def feature_sizes(model: SSD, image_size: int, in_channels: int = 3) -> tuple[in
 
 
 def import_torchvision_backbone(model: SSD, state_dict: dict) -> int:
-    """Loads a torchvision ResNet-50 state dict's ``conv1``, ``bn1``, ``layer1..3`` into the
-    backbone (``layer4`` and ``fc`` are ignored); returns how many tensors were loaded."""
+    """A torchvision ResNet-50 state dict's ``conv1``, ``bn1``, ``layer1..3`` into the backbone;
+    returns how many tensors were loaded."""
     backbone = {k: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIXES)}
     if not backbone:
         raise ValueError(f"no torchvision ResNet backbone keys ({', '.join(BACKBONE_PREFIXES)}"

@@ -1,28 +1,8 @@
-"""SSD's box machinery: default boxes, encoding, matching, the loss and post-processing.
+"""SSD's boxes: default boxes, encoding, matching, the loss and post-processing.
 
-Follows NVIDIA's SSD300 v1.1 (DeepLearningExamples, PyTorch/Detection/SSD), which follows Liu et
-al. 2016 ("SSD: Single Shot MultiBox Detector"); figures quoted from there, code written here.
-
-* **Default boxes** (`default_boxes`): on a feature map of ``f x f`` cells with step ``s`` (in
-  input pixels), cell ``(i, j)`` has centres ``((j + 0.5) s / S, (i + 0.5) s / S)`` for an input
-  of ``S`` pixels, and boxes of relative size ``(sk, sk)``, ``(sqrt(sk sk'), sqrt(sk sk'))`` and
-  ``(sk sqrt(a), sk / sqrt(a))``, ``(sk / sqrt(a), sk sqrt(a))`` for every aspect ratio ``a``
-  of the map, where ``sk = scale_k / S`` and ``sk' = scale_{k+1} / S``. SSD300: feature maps
-  38, 19, 10, 5, 3, 1; steps 8, 16, 32, 64, 100, 300; scales 21, 45, 99, 153, 207, 261, 315;
-  aspect ratios {2}, {2, 3}, {2, 3}, {2, 3}, {2}, {2}: 4, 6, 6, 6, 4, 4 boxes per cell, 8732 in
-  all. Every coordinate ``(cx, cy, w, h)`` is clipped to [0, 1], as NVIDIA's ``DefaultBoxes``
-  does. Boxes are ordered map by map, then row, column, box (the order of an NHWC head's
-  output reshaped to ``(N, H * W * boxes, 4)``).
-* **Encoding** (`encode`, `decode`): offsets ``((cx - dcx) / (0.1 dw), (cy - dcy) / (0.1 dh),
-  log(w / dw) / 0.2, log(h / dh) / 0.2)`` against a default box ``(dcx, dcy, dw, dh)``.
-* **Matching** (`match`): every default box takes the ground truth it overlaps most; every
-  ground truth also claims the default box it overlaps most (IoU set to 2, so it always
-  counts); default boxes whose IoU exceeds 0.5 are positives, the others background (label 0).
-* **Loss** (`ssd_loss`): per image, Smooth L1 on the positives' offsets plus cross-entropy on the
-  positives and on the ``3 x positives`` negatives of highest cross-entropy (hard negative
-  mining), divided by the number of positives; averaged over the images that have positives.
-* **Post-processing** (`postprocess`): softmax scores, per class: scores above 0.05, the best 200,
-  NMS at IoU 0.45 (``boxes.batched_nms``); the best 200 detections of the image.
+NVIDIA's SSD300 v1.1 (DeepLearningExamples, PyTorch/Detection/SSD) after Liu et al. 2016; figures
+quoted from there, code written here. Default boxes are clipped ``(cx, cy, w, h)`` in [0, 1],
+ordered map, row, column, box (an NHWC head's output reshaped to ``(N, H * W * boxes, 4)``).
 """
 
 from __future__ import annotations
@@ -43,7 +23,12 @@ VARIANCES = (0.1, 0.2)  # center, size: NVIDIA's scale_xy = 1 / 0.1, scale_wh = 
 
 @dataclasses.dataclass(frozen=True)
 class DefaultBoxSpec:
-    """Where the default boxes go; the defaults are SSD300's (NVIDIA's ``dboxes300_coco``)."""
+    """Where the default boxes go; the defaults are SSD300's (NVIDIA's ``dboxes300_coco``).
+
+    Map ``k`` (``f x f`` cells, step ``s`` pixels) centres boxes on ``((j + 0.5) s / S, (i + 0.5)
+    s / S)`` with sizes ``sk``, ``sqrt(sk sk+1)`` and ``sk sqrt(a)`` by ``sk / sqrt(a)`` (both
+    ways) per aspect ratio ``a``, ``sk = scales[k] / S``: 8732 boxes for SSD300.
+    """
 
     image_size: int = 300
     feature_sizes: tuple[int, ...] = (38, 19, 10, 5, 3, 1)
@@ -90,7 +75,7 @@ def default_boxes(spec: DefaultBoxSpec = DefaultBoxSpec()) -> np.ndarray:
 
 
 def encode(boxes_cxcywh, defaults_cxcywh, variances: Sequence[float] = VARIANCES):
-    """Offsets of ``boxes`` from their default boxes (both ``(..., 4)`` centre-size)."""
+    """Offsets ``((cx - dcx) / (0.1 dw), .., log(w / dw) / 0.2, ..)`` of centre-size boxes."""
     xp = box_ops.array_namespace(boxes_cxcywh, defaults_cxcywh)
     centre = (boxes_cxcywh[..., :2] - defaults_cxcywh[..., :2]) / (
         variances[0] * defaults_cxcywh[..., 2:])
@@ -108,18 +93,12 @@ def decode(offsets, defaults_cxcywh, variances: Sequence[float] = VARIANCES):
 
 def match(gt_boxes: jax.Array, gt_labels: jax.Array, defaults_cxcywh: jax.Array,
           threshold: float = 0.5) -> tuple[jax.Array, jax.Array]:
-    """Assigns ground truth to default boxes (one image; ``jit``/``vmap`` friendly).
+    """Ground truth ``(G, 4)`` corners, ``(G,)`` labels (0: padding) onto ``(D, 4)`` defaults.
 
-    Args:
-        gt_boxes: ``(G, 4)`` corner boxes in [0, 1]; rows whose label is 0 are padding.
-        gt_labels: ``(G,)`` int, 1.. for objects, 0 for padding.
-        defaults_cxcywh: ``(D, 4)`` default boxes.
-        threshold: a default box whose best IoU exceeds it is a positive.
-
-    Returns:
-        ``(boxes, labels)``: per default box, the corner box of its ground truth (its own box
-        when it is background) and its label (0: background). A ground truth claims its best
-        default box even below the threshold; when two claim the same one, the later wins.
+    Returns per default box the corner box of its ground truth (its own box when background)
+    and its label (0: background). A default box takes the ground truth it overlaps most, a
+    positive above ``threshold``; each ground truth also claims its best default box (the
+    later one wins a tie).
     """
     num_defaults = defaults_cxcywh.shape[0]
     defaults_xyxy = box_ops.cxcywh_to_xyxy(defaults_cxcywh)
@@ -147,10 +126,8 @@ def encode_targets(gt_boxes, gt_labels, defaults_cxcywh, threshold: float = 0.5)
 
 
 def hard_negatives(confidence_loss: jax.Array, positive: jax.Array, ratio: int = 3) -> jax.Array:
-    """The ``ratio x positives`` background boxes of highest loss, per image (``(B, D)`` bool).
-
-    Positives rank as if their loss were 0 (NVIDIA's ranking); ties keep the lower index.
-    """
+    """The ``ratio x positives`` background boxes of highest loss, per image (``(B, D)`` bool);
+    positives rank as if their loss were 0 (NVIDIA's), ties keep the lower index."""
     background_loss = jnp.where(positive, 0.0, confidence_loss)
     order = jnp.argsort(-background_loss, axis=1, stable=True)
     rank = jnp.argsort(order, axis=1, stable=True)
@@ -159,29 +136,16 @@ def hard_negatives(confidence_loss: jax.Array, positive: jax.Array, ratio: int =
     return (rank < num_negatives) & ~positive
 
 
-def smooth_l1(x: jax.Array) -> jax.Array:
-    """torch's SmoothL1Loss (beta 1), elementwise."""
-    absolute = jnp.abs(x)
-    return jnp.where(absolute < 1.0, 0.5 * x * x, absolute - 0.5)
-
-
 def ssd_loss(pred_offsets: jax.Array, logits: jax.Array, target_offsets: jax.Array,
              target_labels: jax.Array, negative_ratio: int = 3) -> dict[str, jax.Array]:
-    """NVIDIA's SSD loss for a batch, float32.
-
-    Args:
-        pred_offsets, target_offsets: ``(B, D, 4)``; logits ``(B, D, classes)`` with class 0
-            background; target_labels ``(B, D)``.
-
-    Returns:
-        ``{"loss", "box_loss", "class_loss", "positives"}``: the loss averaged over the batch
-        (images without a positive count 0), its two parts, and the mean number of positives.
-    """
+    """NVIDIA's SSD loss, float32: per image Smooth L1 on the positives plus cross-entropy on
+    them and the hard negatives, over the positives; averaged over the batch (an image without
+    positives counts 0). Offsets ``(B, D, 4)``, logits ``(B, D, classes)``, labels ``(B, D)``."""
     pred_offsets = pred_offsets.astype(jnp.float32)
     logits = logits.astype(jnp.float32)
     positive = target_labels > 0
     num_positive = jnp.sum(positive, axis=1).astype(jnp.float32)
-    box = jnp.sum(jnp.sum(smooth_l1(pred_offsets - target_offsets), -1) * positive, axis=1)
+    box = jnp.sum(jnp.sum(box_ops.smooth_l1(pred_offsets - target_offsets), -1) * positive, axis=1)
     confidence = optax.softmax_cross_entropy_with_integer_labels(logits, target_labels)
     selected = positive | hard_negatives(jax.lax.stop_gradient(confidence), positive,
                                          negative_ratio)
@@ -201,15 +165,9 @@ def decode_batch(pred_offsets: jax.Array, logits: jax.Array, defaults_cxcywh: ja
 def postprocess(boxes_xyxy: np.ndarray, scores: np.ndarray, *, score_threshold: float = 0.05,
                 iou_threshold: float = 0.45, max_per_class: int = 200,
                 max_detections: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image's detections from decoded boxes ``(D, 4)`` and scores ``(D, classes)``.
-
-    Per class (background excluded): the boxes scoring above ``score_threshold``, at most the
-    ``max_per_class`` best; NMS within each class at ``iou_threshold``; the ``max_detections``
-    best overall.
-
-    Returns:
-        ``(boxes (K, 4), scores (K,), labels (K,))``, best score first; labels are 1-based.
-    """
+    """One image's ``(boxes (K, 4), scores (K,), labels (K,))`` from boxes ``(D, 4)`` and scores
+    ``(D, classes)``, best first: per class above ``score_threshold``, its ``max_per_class``
+    best, NMS; the ``max_detections`` best overall."""
     boxes_xyxy, scores = np.asarray(boxes_xyxy), np.asarray(scores)
     if (boxes_xyxy.ndim != 2 or boxes_xyxy.shape[1] != 4 or scores.ndim != 2
             or boxes_xyxy.shape[0] != scores.shape[0]):
