@@ -26,6 +26,7 @@ from recipes.detection import boxes as box_ops  # noqa: E402
 from recipes.detection import (coco_data, coco_eval, digits_detection, maskrcnn,  # noqa: E402
                                maskrcnn_task, rcnn_ops)
 from recipes.engine import workflow  # noqa: E402
+from recipes.vision import weights  # noqa: E402
 
 SMALL = maskrcnn.ModelConfig(num_classes=11, num_filters=8, stage_sizes=(1, 1, 1, 1),
                              fpn_channels=16, representation_size=32, mask_channels=16)
@@ -41,8 +42,8 @@ def test_full_model_parameter_count_is_torchvisions():
 
 def test_pruning_plan_of_the_full_model():
     abstract = nnx.eval_shape(lambda: maskrcnn.MaskRCNN(maskrcnn.ModelConfig(), rngs=nnx.Rngs(0)))
-    plans = {p.path: p for p in sparse_jax.plan_tree(nnx.state(abstract, nnx.Param),
-                                                     rules=maskrcnn.PRUNING_RULES)}
+    # The task's rules: sparse_jax's defaults (the workflow passes pruning_rules=None).
+    plans = {p.path: p for p in sparse_jax.plan_tree(nnx.state(abstract, nnx.Param))}
     kernels = {path: p for path, p in plans.items() if len(p.shape) >= 2}
     dense = sorted(path for path, p in kernels.items() if p.axis is None)
     assert dense == ["backbone/body/conv1/kernel"]  # 3 input channels
@@ -105,9 +106,17 @@ def test_torchvision_names_and_shapes():
     assert len(keys) == 53 + 53 * 4 + 16 + 6 + 8 + 12
 
 
+def _export_torchvision_state_dict(model):
+    """torch layouts and torchvision names (the deconvolution's kernel is (in, out, kh, kw))."""
+    out = weights.export_state_dict(model, maskrcnn.torch_key)
+    key = "roi_heads.mask_predictor.conv5_mask.weight"
+    out[key] = np.ascontiguousarray(np.transpose(out[key], (1, 0, 2, 3)))
+    return out
+
+
 def test_state_dict_round_trip_old_names_and_errors():
     model = maskrcnn.create_model(SMALL, seed=1)
-    exported = maskrcnn.export_torchvision_state_dict(model)
+    exported = _export_torchvision_state_dict(model)
     other = maskrcnn.create_model(SMALL, seed=2)
     # Older torchvision names are accepted.
     renamed = {}

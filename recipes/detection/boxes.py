@@ -58,11 +58,8 @@ def smooth_l1(x, beta: float = 1.0):
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
         max_outputs: int | None = None) -> np.ndarray:
-    """Greedy NMS on the host: indices of the kept boxes, best first (at most ``max_outputs``).
-
-    A kept box drops the others whose IoU with it exceeds ``iou_threshold`` (strictly, as
-    torchvision); ties in score keep the lower index.
-    """
+    """Greedy NMS on the host: the kept indices, best first; a kept box drops those whose IoU
+    with it exceeds ``iou_threshold`` (strictly, as torchvision), ties keep the lower index."""
     boxes, scores = np.asarray(boxes), np.asarray(scores)
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []

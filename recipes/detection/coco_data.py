@@ -234,7 +234,8 @@ def _pad(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def ssd_train_transform(record: dict[str, Any], rng: np.random.Generator, *, image_size: int,
-                        max_boxes: int, aug: Augmentation = Augmentation()) -> dict[str, np.ndarray]:
+                        max_boxes: int,
+                        aug: Augmentation = Augmentation()) -> dict[str, np.ndarray]:
     """Decode, expand, random IoU crop, flip, resize, photometric distortion."""
     pixels = _open_rgb(record["path"])
     height, width = pixels.shape[:2]

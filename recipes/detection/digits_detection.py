@@ -60,7 +60,7 @@ def _resize(gray: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _ink_crop(digit: np.ndarray) -> np.ndarray:
-    """A 28x28 uint8 digit cropped to the rows and columns that hold any ink, as floats in [0, 1]."""
+    """A 28x28 uint8 digit cropped to its rows and columns with ink, as floats in [0, 1]."""
     rows = np.flatnonzero(digit.max(axis=1) > 0)
     cols = np.flatnonzero(digit.max(axis=0) > 0)
     return digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float32) / 255.0

@@ -68,7 +68,6 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-
 class FrozenBatchNorm(nnx.Module):
     """torchvision's ``FrozenBatchNorm2d`` (fixed statistics); ``trainable_affine`` makes scale and
     bias ``nnx.Param`` (the from-scratch default, ``zero_scale`` starting a residual branch at
@@ -122,7 +121,7 @@ _mask_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def nearest_upsample(x, size: tuple[int, int]):
-    """``F.interpolate(mode="nearest", size=size)`` on NHWC: source index ``floor(i * in / out)``."""
+    """``F.interpolate(mode="nearest", size=size)`` on NHWC: source ``floor(i * in / out)``."""
     rows = np.floor(np.arange(size[0]) * (x.shape[1] / size[0])).astype(np.int32)
     cols = np.floor(np.arange(size[1]) * (x.shape[2] / size[1])).astype(np.int32)
     return x[:, rows][:, :, cols]
@@ -312,27 +311,13 @@ def import_torchvision_state_dict(model: MaskRCNN, state_dict: dict[str, np.ndar
             key = pattern.sub(replacement, key)
         renamed[key] = value
     state_dict = renamed
-    if DECONV_KEY in state_dict:  # ConvTranspose2d (in, out, kh, kw) -> the conv order (out, in, ..)
+    if DECONV_KEY in state_dict:  # ConvTranspose2d (in, out, kh, kw) -> a conv's (out, in, ..)
         state_dict[DECONV_KEY] = np.transpose(np.asarray(state_dict[DECONV_KEY]), (1, 0, 2, 3))
     weights.import_state_dict(model, state_dict, torch_key, "torchvision Mask R-CNN")
 
 
-def export_torchvision_state_dict(model: MaskRCNN) -> dict[str, np.ndarray]:
-    """The inverse of `import_torchvision_state_dict` (torch layouts, torchvision names)."""
-    out = weights.export_state_dict(model, torch_key)
-    out[DECONV_KEY] = np.ascontiguousarray(np.transpose(out[DECONV_KEY], (1, 0, 2, 3)))
-    return out
-
-
-# Which kernels 2:4 pruning touches: every conv and linear along its input axis, where its
-# input size allows (sparse_jax's default rules skip the 3-channel stem conv and any reduction
-# not a multiple of 4). Nothing is excluded by name.
-PRUNING_RULES: tuple = ()
-
-
-
 def feature_sizes(image_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """Sizes of P2..P6 for a padded ``image_hw``: stem, max-pool, stages and P6 halve, rounding up."""
+    """Sizes of P2..P6 for a padded ``image_hw`` (stem, max-pool, stages, P6 halve, rounding up)."""
     sizes = [(-(-image_hw[0] // 4), -(-image_hw[1] // 4))]
     for _ in range(4):
         sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
@@ -348,11 +333,8 @@ def anchors_for(config: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndar
 
 def propose(config: ModelConfig, objectness, deltas, anchors: np.ndarray, levels: np.ndarray,
             image_hw, train: bool):
-    """torchvision's ``filter_proposals``: ``(N, P, 4)`` boxes (no gradient), ``(N, P)`` validity.
-
-    Per image and level the ``pre_nms_top_n`` best, decoded, clipped to the unpadded
-    ``image_hw``, boxes under 1e-3 pixels dropped, NMS; the ``post_nms_top_n`` best of all.
-    """
+    """torchvision's ``filter_proposals``: ``(N, P, 4)`` boxes (no gradient), ``(N, P)`` validity
+    (per level the ``pre_nms_top_n`` best, decoded, clipped, NMS; the ``post_nms_top_n`` best)."""
     pre = config.rpn_pre_nms_top_n_train if train else config.rpn_pre_nms_top_n_test
     post = config.rpn_post_nms_top_n_train if train else config.rpn_post_nms_top_n_test
     objectness = jax.lax.stop_gradient(objectness)
@@ -370,7 +352,8 @@ def propose(config: ModelConfig, objectness, deltas, anchors: np.ndarray, levels
             index = index + start
             decoded = rcnn_ops.decode_boxes(image_deltas[index], jnp.asarray(anchors)[index])
             decoded = rcnn_ops.clip_boxes(decoded, hw)
-            big = ((decoded[:, 2] - decoded[:, 0]) >= 1e-3) & ((decoded[:, 3] - decoded[:, 1]) >= 1e-3)
+            big = (((decoded[:, 2] - decoded[:, 0]) >= 1e-3)
+                   & ((decoded[:, 3] - decoded[:, 1]) >= 1e-3))
             pad = k - top
             boxes.append(jnp.pad(decoded, ((0, pad), (0, 0))))
             scores.append(jnp.pad(level_scores, (0, pad), constant_values=-jnp.inf))
@@ -395,7 +378,7 @@ def _pool(config: ModelConfig, features: list, rois, size: int):
 
 
 def box_head(model: MaskRCNN, features: list, rois):
-    """Class logits ``(N, R, C)`` and class-specific deltas ``(N, R, C, 4)`` of ``rois (N, R, 4)``."""
+    """Class logits ``(N, R, C)`` and per-class deltas ``(N, R, C, 4)`` of ``rois (N, R, 4)``."""
     n, r = rois.shape[:2]
     x = model.roi_heads.box_head(_pool(model.config, features, rois, model.config.box_pool))
     predictor = model.roi_heads.box_predictor
@@ -416,19 +399,16 @@ def mask_head(model: MaskRCNN, features: list, rois):
     return logits.reshape(n, r, *logits.shape[1:])
 
 
-
 def rpn_loss(config: ModelConfig, key, objectness, deltas, anchors, gt_boxes, gt_valid):
     """torchvision's RPN loss: BCE over the sampled anchors, smooth-L1 (beta 1/9) over the sampled
     positives, both over the number sampled in the batch."""
     anchors = jnp.asarray(anchors)
 
     def one_image(key, logits, image_deltas, boxes, valid):
-        iou = box_ops.pairwise_iou(boxes, anchors)
-        matches = rcnn_ops.match_boxes(iou, valid, config.rpn_fg_iou_thresh,
-                                       config.rpn_bg_iou_thresh, True)
-        labels = jnp.where(matches >= 0, 1, jnp.where(matches == rcnn_ops.BELOW_LOW_THRESHOLD, 0, -1))
-        index, ok, positive = rcnn_ops.sample_balanced(key, labels, config.rpn_batch_size_per_image,
-                                                       config.rpn_positive_fraction)
+        matches, index, ok, positive = rcnn_ops.sample_matches(
+            key, box_ops.pairwise_iou(boxes, anchors), valid, config.rpn_fg_iou_thresh,
+            config.rpn_bg_iou_thresh, True, config.rpn_batch_size_per_image,
+            config.rpn_positive_fraction)
         bce = _bce(logits[index], positive.astype(jnp.float32))
         targets = rcnn_ops.encode_boxes(boxes[jnp.maximum(matches[index], 0)], anchors[index])
         box = jnp.sum(box_ops.smooth_l1(image_deltas[index] - targets, 1.0 / 9.0), axis=-1)
@@ -454,14 +434,10 @@ def sample_rois(config: ModelConfig, key, proposals, proposal_valid, gt_boxes, g
     def one_image(key, boxes, valid, gt, labels, gt_ok):
         candidates = jnp.concatenate([boxes, gt], 0)
         candidate_ok = jnp.concatenate([valid, gt_ok], 0)
-        iou = box_ops.pairwise_iou(gt, candidates)
-        matches = rcnn_ops.match_boxes(iou, gt_ok, config.box_fg_iou_thresh,
-                                       config.box_bg_iou_thresh, False)
-        sample_labels = jnp.where(matches >= 0, 1,
-                                  jnp.where(matches == rcnn_ops.BELOW_LOW_THRESHOLD, 0, -1))
-        sample_labels = jnp.where(candidate_ok, sample_labels, -1)
-        index, ok, positive = rcnn_ops.sample_balanced(
-            key, sample_labels, config.box_batch_size_per_image, config.box_positive_fraction)
+        matches, index, ok, positive = rcnn_ops.sample_matches(
+            key, box_ops.pairwise_iou(gt, candidates), gt_ok, config.box_fg_iou_thresh,
+            config.box_bg_iou_thresh, False, config.box_batch_size_per_image,
+            config.box_positive_fraction, candidate_ok)
         rois = candidates[index]
         matched = jnp.maximum(matches[index], 0)
         return {"rois": rois, "valid": ok, "positive": positive & ok,
@@ -514,7 +490,6 @@ def losses(model: MaskRCNN, key, images, image_hw, gt_boxes, gt_labels, gt_masks
             "loss_mask": loss_mask}
 
 
-
 def detect_boxes(model: MaskRCNN, images, image_hw):
     """Inference before NMS: features, and per proposal class probabilities ``(N, P, C)``, class
     boxes ``(N, P, C, 4)`` clipped to the image, validity ``(N, P)``."""
@@ -537,7 +512,8 @@ def select_detections(config: ModelConfig, scores: np.ndarray, boxes: np.ndarray
     labels = np.broadcast_to(np.arange(num_classes), scores.shape)[:, 1:].reshape(-1)
     cand_scores = np.where(valid[:, None], scores[:, 1:], 0.0).reshape(-1)
     cand_boxes = boxes[:, 1:].reshape(-1, 4)
-    wide = ((cand_boxes[:, 2] - cand_boxes[:, 0]) >= 1e-2) & ((cand_boxes[:, 3] - cand_boxes[:, 1]) >= 1e-2)
+    wide = (((cand_boxes[:, 2] - cand_boxes[:, 0]) >= 1e-2)
+            & ((cand_boxes[:, 3] - cand_boxes[:, 1]) >= 1e-2))
     keep = np.flatnonzero((cand_scores > config.box_score_thresh) & wide)
     kept = box_ops.batched_nms(cand_boxes[keep], cand_scores[keep], labels[keep],
                                config.box_nms_thresh, config.detections_per_img)

@@ -111,10 +111,11 @@ def builtin_config() -> MaskRCNNConfig:
 def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
     """A tiny model and three steps of every phase (checkpoints, COCO evaluation, plot)."""
     return config.replace(
-        num_filters=4, stage_sizes=(1, 1, 1, 1), fpn_channels=8, representation_size=16, mask_channels=8,
-        trainable_layers=5, train_norm_affine=True, anchor_sizes=(16, 24, 32, 48, 64),
-        canonical_scale=56.0, rpn_pre_nms_top_n_train=40, rpn_pre_nms_top_n_test=30,
-        rpn_post_nms_top_n_train=40, rpn_post_nms_top_n_test=30, box_batch_size_per_image=32,
+        num_filters=4, stage_sizes=(1, 1, 1, 1), fpn_channels=8, representation_size=16,
+        mask_channels=8, trainable_layers=5, train_norm_affine=True,
+        anchor_sizes=(16, 24, 32, 48, 64), canonical_scale=56.0, rpn_pre_nms_top_n_train=40,
+        rpn_pre_nms_top_n_test=30, rpn_post_nms_top_n_train=40, rpn_post_nms_top_n_test=30,
+        box_batch_size_per_image=32,
         detections_per_img=10, compute_dtype="float32", train_min_sizes=(64,), test_min_size=64,
         max_size=64, canvas=(64, 64), max_boxes=4, batch_size=2, eval_batch_size=8,
         num_train_steps=3, warmup_steps=1, lr_step_epochs=(), log_every_steps=1,
@@ -206,12 +207,6 @@ def normalize(images, image_hw, dtype):
     return (x * (rows & cols)[..., None]).astype(dtype)
 
 
-def _compiler_options(config: MaskRCNNConfig, mesh) -> dict[str, Any]:
-    if config.fast_compile and mesh.devices.flat[0].platform == "cpu":
-        return {"compiler_options": {"xla_backend_optimization_level": 0}}
-    return {}
-
-
 def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
     """A jitted ``(state, batch, step, seed) -> (state, metrics)``, data parallel over ``mesh``;
     the sampling randomness comes from ``seed`` and ``step`` (a resumed run repeats it)."""
@@ -292,34 +287,6 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
     return records
 
 
-def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
-             model_config) -> dict[str, Any]:
-    """bbox and segm COCO summaries (``{"bbox": AP, "segm": AP, "bbox_summary": {...}, ...}``)."""
-    records = predict(fns, params, batch_stats, data, config, model_config)
-    image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
-    result: dict[str, Any] = {"detections": len(records), "images": len(image_ids)}
-    for iou_type in METRIC_NAMES:
-        summary = coco_eval.evaluate(data.val.annotation_file, records, iou_type,
-                                     image_ids=image_ids)
-        result[iou_type] = summary["AP"]
-        result[f"{iou_type}_summary"] = dict(summary)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-
-def load_dense_weights(source: str, model) -> str:
-    """Dense weights into ``model``: torchvision ``.safetensors`` or a finished run."""
-    if source.endswith(".safetensors"):
-        maskrcnn.import_torchvision_state_dict(model, weights.load_safetensors(source))
-        return f"torchvision weights {source}"
-    params, batch_stats, where = checkpointing.load_dense_weights(source, model)
-    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    nnx.replace_by_pure_dict(state, weights._deep_merge(params, batch_stats))
-    nnx.update(model, state)
-    return f"orbax checkpoint {where}"
-
-
 class MaskRCNNTask(workflow.Task):
     """COCO 2017 directories (instance masks) or the built-in digits set; bbox AP is the
     headline, mask AP beside it."""
@@ -351,7 +318,9 @@ class MaskRCNNTask(workflow.Task):
         self.model_config = config.model_config(data.num_classes)
         self.model = maskrcnn.create_model(self.model_config, config.seed)
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
-        self.jit_options = _compiler_options(config, mesh)
+        fast = config.fast_compile and mesh.devices.flat[0].platform == "cpu"
+        self.jit_options = ({"compiler_options": {"xla_backend_optimization_level": 0}} if fast
+                            else {})
         self.fns = make_inference_fns(self.graphdef, **self.jit_options)
         self.steps = workflow.phase_steps(config, len(data.train))
         self.schedule = learning_rate_schedule(config, self.steps)
@@ -391,8 +360,18 @@ class MaskRCNNTask(workflow.Task):
                 **{key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}}
 
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
-        return evaluate(self.fns, state["params"], state["batch_stats"], self.data, self.config,
-                        self.model_config)
+        """bbox and segm APs and COCO summaries (``"bbox"``, ``"bbox_summary"``, ...)."""
+        data, config = self.data, self.config
+        records = predict(self.fns, state["params"], state["batch_stats"], data, config,
+                          self.model_config)
+        image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
+        result: dict[str, Any] = {"detections": len(records), "images": len(image_ids)}
+        for iou_type in METRIC_NAMES:
+            summary = coco_eval.evaluate(data.val.annotation_file, records, iou_type,
+                                         image_ids=image_ids)
+            result[iou_type] = summary["AP"]
+            result[f"{iou_type}_summary"] = dict(summary)
+        return result
 
     def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
         return {"split": "eval", "loss": None, "metric": result["bbox"], "segm": result["segm"]}
@@ -401,14 +380,24 @@ class MaskRCNNTask(workflow.Task):
         return f"bbox AP {100 * result['bbox']:.2f}, mask AP {100 * result['segm']:.2f}"
 
     def load_dense(self, source: str, state: dict[str, Any]):
-        where = load_dense_weights(source, self.model)
+        """Dense weights: torchvision ``.safetensors`` or a finished run."""
+        if source.endswith(".safetensors"):
+            maskrcnn.import_torchvision_state_dict(self.model, weights.load_safetensors(source))
+            where = f"torchvision weights {source}"
+        else:
+            params, batch_stats, run = checkpointing.load_dense_weights(source, self.model)
+            loaded = nnx.state(self.model, nnx.Any(nnx.Param, nnx.BatchStat))
+            nnx.replace_by_pure_dict(loaded, weights._deep_merge(params, batch_stats))
+            nnx.update(self.model, loaded)
+            where = f"orbax checkpoint {run}"
         _, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         return {"params": nnx.to_pure_dict(params),
                 "batch_stats": nnx.to_pure_dict(batch_stats)}, where
 
     def extra_results(self, evals):
         return {"mask_ap": {k: None if v is None else v["segm"] for k, v in evals.items()},
-                "coco_summaries": {phase: {k: v for k, v in result.items() if k.endswith("_summary")}
+                "coco_summaries": {phase: {k: v for k, v in result.items()
+                                           if k.endswith("_summary")}
                                    for phase, result in evals.items() if result is not None},
                 "batch_size": self.config.batch_size, "eval_images": evals["sparse"]["images"]}
 

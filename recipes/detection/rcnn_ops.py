@@ -19,7 +19,6 @@ from recipes.detection import boxes as box_ops
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
-
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
     """One cell's anchors around (0, 0), ``(len(ratios) * len(sizes), 4)``, ratio slowest:
     torchvision's ``round(+-(size / sqrt(r), size * sqrt(r)) / 2)`` in float32."""
@@ -35,7 +34,8 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.n
     return np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2.0)).astype(np.float32)
 
 
-def grid_anchors(base: np.ndarray, grid_hw: tuple[int, int], stride_hw: tuple[int, int]) -> np.ndarray:
+def grid_anchors(base: np.ndarray, grid_hw: tuple[int, int],
+                 stride_hw: tuple[int, int]) -> np.ndarray:
     """``base`` anchors on every cell of a ``grid_hw`` map: ``(H * W * A, 4)``, cell-major (the
     RPN head's ``(N, H, W, A)`` order)."""
     shift_x = np.arange(grid_hw[1], dtype=np.float32) * stride_hw[1]
@@ -48,11 +48,8 @@ def grid_anchors(base: np.ndarray, grid_hw: tuple[int, int], stride_hw: tuple[in
 def generate_anchors(image_hw: tuple[int, int], feature_hws: Sequence[tuple[int, int]],
                      sizes: Sequence[Sequence[float]],
                      aspect_ratios: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    """All anchors of an (padded) image of ``image_hw`` with feature maps of ``feature_hws``.
-
-    Level ``l`` uses ``sizes[l]`` and ``aspect_ratios[l]``; its stride is ``image // feature``
-    (integer division, as torchvision). Returns ``(anchors (T, 4), level (T,))``.
-    """
+    """``(anchors (T, 4), level (T,))`` of a padded ``image_hw`` with maps ``feature_hws``; level
+    ``l`` has ``sizes[l]``, ``aspect_ratios[l]`` and stride ``image // feature`` (torchvision)."""
     if not (len(feature_hws) == len(sizes) == len(aspect_ratios)):
         raise ValueError(f"{len(feature_hws)} feature maps but {len(sizes)} anchor sizes and "
                          f"{len(aspect_ratios)} aspect-ratio sets: one of each per level")
@@ -63,7 +60,6 @@ def generate_anchors(image_hw: tuple[int, int], feature_hws: Sequence[tuple[int,
         anchors.append(level_anchors)
         levels.append(np.full((len(level_anchors),), level, np.int32))
     return np.concatenate(anchors), np.concatenate(levels)
-
 
 
 def encode_boxes(targets, references, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)):
@@ -105,7 +101,6 @@ def clip_boxes(boxes, image_hw):
     x = jnp.clip(boxes[..., 0::2], 0.0, w)
     y = jnp.clip(boxes[..., 1::2], 0.0, h)
     return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
-
 
 
 def _bilinear_axis(coords, size, valid_extent):
@@ -204,7 +199,6 @@ def multiscale_roi_align(features: Sequence, rois, batch_index, output_size: tup
                            tuple(output_size), sampling_ratio, aligned)
 
 
-
 def nms_keep(boxes, scores, valid, iou_threshold: float):
     """`boxes.nms` over ``K`` fixed candidates, as a ``(K,)`` kept mask; invalid ones (padding)
     are neither kept nor suppress."""
@@ -251,6 +245,18 @@ def match_boxes(iou, gt_valid, high_threshold: float, low_threshold: float,
     return result
 
 
+def sample_matches(key, iou, gt_valid, high_threshold: float, low_threshold: float,
+                   allow_low_quality_matches: bool, batch_size: int, positive_fraction: float,
+                   candidate_valid=True):
+    """`match_boxes`, then `sample_balanced` of the matched (positives) and those below
+    ``low_threshold`` (negatives) among ``candidate_valid``: ``(matches, index, valid,
+    positive)``."""
+    matches = match_boxes(iou, gt_valid, high_threshold, low_threshold, allow_low_quality_matches)
+    labels = jnp.where(matches >= 0, 1, jnp.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
+    labels = jnp.where(candidate_valid, labels, -1)
+    return (matches, *sample_balanced(key, labels, batch_size, positive_fraction))
+
+
 def sample_balanced(key, labels, batch_size: int, positive_fraction: float):
     """torchvision's ``BalancedPositiveNegativeSampler`` on ``labels (P,)`` (1, 0, -1 ignored),
     fixed size: ``(index, valid, positive)``, the positives in the first
@@ -273,7 +279,6 @@ def sample_balanced(key, labels, batch_size: int, positive_fraction: float):
                       neg_order[jnp.clip(neg_rank, 0, p - 1)])
     valid = is_pos | ((neg_rank >= 0) & (neg_rank < num_neg))
     return index, valid, is_pos
-
 
 
 def mask_targets(gt_masks, rois, matched, size: int, sampling_ratio: int = 2):

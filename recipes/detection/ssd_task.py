@@ -20,8 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recipes.detection import boxes as box_ops
-from recipes.detection import coco_data, coco_eval, digits_detection, ssd, ssd_boxes
+from recipes.detection import boxes as box_ops, coco_data, coco_eval, digits_detection, ssd
 from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
 from recipes.vision import input_pipeline, models, weights
@@ -58,7 +57,7 @@ class SSDConfig(WorkflowConfig):
     builtin_max_digits: int = 4
     builtin_min_digit_size: int = 14
     builtin_max_digit_size: int = 40
-    builtin_dir: str | None = None  # where the digits set is written (default <workdir>/digits_coco)
+    builtin_dir: str | None = None  # where the digits set goes (default <workdir>/digits_coco)
     augment: bool = True
     expand_probability: float = 0.5
     max_expand_ratio: float = 4.0
@@ -143,7 +142,7 @@ def box_spec(config: SSDConfig, model):
     """The default-box layout for ``model``'s feature maps at ``config.image_size``."""
     sizes = ssd.feature_sizes(model, config.image_size)
     steps = config.box_steps or tuple(config.image_size / s for s in sizes)
-    return ssd_boxes.DefaultBoxSpec(config.image_size, sizes, tuple(steps),
+    return ssd.DefaultBoxSpec(config.image_size, sizes, tuple(steps),
                                     tuple(config.box_scales), config.parsed_aspect_ratios())
 
 
@@ -182,13 +181,13 @@ def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable
 
     def train_step(state, batch):
         images = _normalize(batch["image"], dtype)
-        target_offsets, target_labels = ssd_boxes.encode_targets(
+        target_offsets, target_labels = ssd.encode_targets(
             batch["boxes"], batch["labels"], defaults, config.match_threshold)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["batch_stats"])
             offsets, logits = model(images, train=True)
-            losses = ssd_boxes.ssd_loss(offsets, logits, target_offsets, target_labels,
+            losses = ssd.ssd_loss(offsets, logits, target_offsets, target_labels,
                                         config.negative_ratio)
             batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
             return losses["loss"], (losses, logits, batch_stats)
@@ -216,7 +215,7 @@ def make_predict_step(graphdef, mesh, defaults, config: SSDConfig) -> Callable:
 
     def predict(params, batch_stats, images):
         offsets, logits = nnx.merge(graphdef, params, batch_stats)(_normalize(images, dtype))
-        return ssd_boxes.decode_batch(offsets, logits, defaults)
+        return ssd.decode_batch(offsets, logits, defaults)
 
     replicated, data = workflow.shardings(mesh)
     return jax.jit(predict, in_shardings=(replicated, replicated, data),
@@ -263,17 +262,17 @@ def detect(predict, params, batch_stats, data: Data, config: SSDConfig, mesh
         images = workflow.shard_batch({"image": batch["image"]}, mesh)["image"]
         boxes, scores = jax.device_get(predict(params, batch_stats, images))
         for row in range(count):
-            kept_boxes, kept_scores, labels = ssd_boxes.postprocess(
+            kept_boxes, kept_scores, labels = ssd.postprocess(
                 boxes[row], scores[row], score_threshold=config.score_threshold,
                 iou_threshold=config.nms_threshold, max_per_class=config.max_detections,
                 max_detections=config.max_detections)
             height, width = batch["size"][row]
             corners = np.clip(kept_boxes, 0.0, 1.0) * np.asarray([width, height, width, height])
-            for box, score, label in zip(box_ops.xyxy_to_xywh(corners), kept_scores, labels):
-                records.append({"image_id": int(batch["image_id"][row]),
-                                "category_id": data.val.category_ids[label - 1],
-                                "bbox": [round(float(v), 2) for v in box],
-                                "score": round(float(score), 5)})
+            records += coco_eval.detection_records(
+                [batch["image_id"][row]] * len(labels),
+                [data.val.category_ids[label - 1] for label in labels],
+                [[round(float(v), 2) for v in box] for box in box_ops.xyxy_to_xywh(corners)],
+                [round(float(score), 5) for score in kept_scores])
     return records
 
 
@@ -305,8 +304,8 @@ class SSDTask(workflow.Task):
     control_help = "off by default"
     options = (
         cli.COCO_DATA_DIR,
-        ("--backbone-weights", "backbone_weights", None, "torchvision ResNet-50 ImageNet weights as "
-         ".safetensors (torchvision key names) for the backbone (NVIDIA's start)"),
+        ("--backbone-weights", "backbone_weights", None, "torchvision ResNet-50 ImageNet weights "
+         "as .safetensors (torchvision key names) for the backbone (NVIDIA's start)"),
         ("--init-from", "init_from", None, "a finished run directory (or its checkpoints/dense/"
          "<step>) whose dense SSD replaces dense training"),
         cli.batch_size_option("256 = 8 x 32"), cli.epochs_option("65"), cli.STEPS,
@@ -333,7 +332,7 @@ class SSDTask(workflow.Task):
         self.image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
         self.model = model = create_model(config, data.train.num_classes)
         self.spec = spec = box_spec(config, model)
-        self.defaults = ssd_boxes.default_boxes(spec)
+        self.defaults = ssd.default_boxes(spec)
         if config.backbone_weights:
             loaded = ssd.import_torchvision_backbone(model, weights.load_safetensors(
                 config.backbone_weights))
@@ -346,7 +345,8 @@ class SSDTask(workflow.Task):
         self.schedule = learning_rate_schedule(config, self.steps)
         num_params = sum(int(x.size) for x in jax.tree.leaves(params))
         wf.print(f"{config.model}: {num_params:,} parameters, {data.name}: {len(data.train):,} "
-                 f"train / {len(data.val):,} val images at {config.image_size}x{config.image_size}, "
+                 f"train / {len(data.val):,} val images at "
+                 f"{config.image_size}x{config.image_size}, "
                  f"{data.train.num_classes - 1} classes; feature maps {spec.feature_sizes}, "
                  f"{spec.num_boxes} default boxes")
         wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
@@ -402,7 +402,8 @@ class SSDTask(workflow.Task):
                                      image_ids=self.image_ids)
         with open(os.path.join(self.workdir, f"detections_{phase}.json"), "w") as f:
             json.dump(detections, f)
-        self._last = {"bbAP": summary["AP"], "summary": dict(summary), "detections": len(detections)}
+        self._last = {"bbAP": summary["AP"], "summary": dict(summary),
+                      "detections": len(detections)}
         return self._last
 
     def load_dense(self, source: str, state: dict[str, Any]):
