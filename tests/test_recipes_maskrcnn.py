@@ -177,7 +177,8 @@ def test_fpn_features_and_rpn_objectness_equal_torchvisions():
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     spec = digits_detection.DigitsSpec(num_train_images=6, num_val_images=6, seed=3)
-    return digits_detection.write_coco_directory(str(tmp_path_factory.mktemp("digits")), spec)
+    return digits_detection.get_coco_directory(str(tmp_path_factory.mktemp("digits")),
+                                               spec=spec, log=lambda _: None)
 
 
 def test_coco_segm_ap_is_one_on_ground_truth_fed_back(digits_dir):

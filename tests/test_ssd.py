@@ -295,7 +295,8 @@ def test_digits_set_layout_masks_boxes_and_determinism(digits_dir, tmp_path):
             if ring.any():
                 assert image[mask].mean() > image[ring].mean() + 60
     # Same spec, same files; another seed, other images.
-    again = digits_detection.write_coco_directory(str(tmp_path / "again"), SMALL_SPEC)
+    again = digits_detection.get_coco_directory(str(tmp_path / "again"), spec=SMALL_SPEC,
+                                                 log=lambda _: None)
     for name in ("annotations/instances_val2017.json", "val2017/000000000003.png"):
         with open(os.path.join(digits_dir, name), "rb") as a, open(os.path.join(again, name),
                                                                   "rb") as b:

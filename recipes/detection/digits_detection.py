@@ -145,34 +145,13 @@ def generate_split(split: str, spec: DigitsSpec) -> tuple[list[np.ndarray], dict
     return images, coco
 
 
-def write_coco_directory(root: str, spec: DigitsSpec = DigitsSpec()) -> str:
-    """Writes both splits under ``root`` in COCO 2017's layout; the spec file last, so a
-    directory that has it is complete."""
-    from PIL import Image
-
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    spec_path = os.path.join(root, SPEC_FILE)
-    if os.path.exists(spec_path):
-        os.remove(spec_path)
-    for split in SPLITS:
-        images, coco = generate_split(split, spec)
-        image_dir = os.path.join(root, split)
-        if os.path.isdir(image_dir):
-            shutil.rmtree(image_dir)
-        os.makedirs(image_dir)
-        for record, image in zip(coco["images"], images):
-            Image.fromarray(image).save(os.path.join(image_dir, record["file_name"]))
-        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
-            json.dump(coco, f)
-    with open(spec_path, "w") as f:
-        json.dump(spec.to_dict(), f, indent=2, sort_keys=True)
-    return root
-
-
 def get_coco_directory(directory: str | None = None, *, workdir: str | None = None,
                        spec: DigitsSpec = DigitsSpec(), log=print) -> str:
     """The digits set for ``spec`` in ``directory`` (default ``<workdir>/digits_coco``), written
-    (and ``log``ged) unless a complete copy of the same spec is there."""
+    (and ``log``ged) unless a complete copy of the same spec is there (its spec file, written
+    last)."""
+    from PIL import Image
+
     if directory is None:
         if workdir is None:
             raise ValueError("get_coco_directory needs a directory or a workdir")
@@ -184,4 +163,19 @@ def get_coco_directory(directory: str | None = None, *, workdir: str | None = No
                 return directory
     log(f"writing the built-in digits detection set ({spec.num_train_images} train / "
         f"{spec.num_val_images} val images, {spec.image_size}x{spec.image_size}) to {directory}")
-    return write_coco_directory(directory, spec)
+    os.makedirs(os.path.join(directory, "annotations"), exist_ok=True)
+    if os.path.exists(spec_path):
+        os.remove(spec_path)
+    for split in SPLITS:
+        images, coco = generate_split(split, spec)
+        image_dir = os.path.join(directory, split)
+        if os.path.isdir(image_dir):
+            shutil.rmtree(image_dir)
+        os.makedirs(image_dir)
+        for record, image in zip(coco["images"], images):
+            Image.fromarray(image).save(os.path.join(image_dir, record["file_name"]))
+        with open(os.path.join(directory, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(coco, f)
+    with open(spec_path, "w") as f:
+        json.dump(spec.to_dict(), f, indent=2, sort_keys=True)
+    return directory

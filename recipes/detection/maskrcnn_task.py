@@ -25,8 +25,6 @@ from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
 from recipes.vision import input_pipeline, weights
 
-METRIC_NAMES = ("bbox", "segm")
-
 
 @dataclasses.dataclass(frozen=True)
 class MaskRCNNConfig(WorkflowConfig):
@@ -325,10 +323,9 @@ class MaskRCNNTask(workflow.Task):
         self.steps = workflow.phase_steps(config, len(data.train))
         self.schedule = learning_rate_schedule(config, self.steps)
         num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-        evaluated = len(data.val) if config.max_eval_images <= 0 else min(len(data.val),
-                                                                           config.max_eval_images)
+        self.image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
         wf.print(f"{config.model}: {num_params:,} parameters, {data.name}: {len(data.train):,} "
-                 f"train / {evaluated:,} evaluated images, {data.num_classes - 1} classes, canvas "
+                 f"train / {len(self.image_ids):,} evaluated images, {data.num_classes - 1} classes, canvas "
                  f"{tuple(config.canvas)}")
         wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
                  f"{config.batch_size}, {self.steps} steps per phase "
@@ -364,11 +361,10 @@ class MaskRCNNTask(workflow.Task):
         data, config = self.data, self.config
         records = predict(self.fns, state["params"], state["batch_stats"], data, config,
                           self.model_config)
-        image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
-        result: dict[str, Any] = {"detections": len(records), "images": len(image_ids)}
-        for iou_type in METRIC_NAMES:
+        result: dict[str, Any] = {"detections": len(records), "images": len(self.image_ids)}
+        for iou_type in coco_eval.IOU_TYPES:
             summary = coco_eval.evaluate(data.val.annotation_file, records, iou_type,
-                                         image_ids=image_ids)
+                                         image_ids=self.image_ids)
             result[iou_type] = summary["AP"]
             result[f"{iou_type}_summary"] = dict(summary)
         return result
