@@ -325,8 +325,8 @@ class MaskRCNNTask(workflow.Task):
         num_params = sum(int(x.size) for x in jax.tree.leaves(params))
         self.image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
         wf.print(f"{config.model}: {num_params:,} parameters, {data.name}: {len(data.train):,} "
-                 f"train / {len(self.image_ids):,} evaluated images, {data.num_classes - 1} classes, canvas "
-                 f"{tuple(config.canvas)}")
+                 f"train / {len(self.image_ids):,} evaluated images, {data.num_classes - 1} "
+                 f"classes, canvas {tuple(config.canvas)}")
         wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
                  f"{config.batch_size}, {self.steps} steps per phase "
                  f"({self.steps * config.batch_size / len(data.train):.1f} epochs), lr "
