@@ -78,7 +78,7 @@ def test_ssd300_has_8732_default_boxes_with_nvidia_scales():
 def test_default_box_spec_rejects_inconsistent_lengths():
     with pytest.raises(ValueError, match="one more scale"):
         ssd.DefaultBoxSpec(feature_sizes=(38, 19), steps=(8, 16), scales=(21, 45),
-                                 aspect_ratios=((2,), (2,)))
+                           aspect_ratios=((2,), (2,)))
 
 
 def test_encode_hand_worked_and_round_trip():
@@ -195,7 +195,7 @@ def test_ssd_loss_matches_brute_force():
     labels[0, [2, 5, 11]] = [1, 4, 2]
     labels[2, 30] = 3  # image 1 has no positive: it adds 0 to the batch mean
     got = ssd.ssd_loss(jnp.asarray(pred), jnp.asarray(logits), jnp.asarray(target),
-                             jnp.asarray(labels))
+                       jnp.asarray(labels))
     np.testing.assert_allclose(float(got["loss"]), _loss_by_brute_force(pred, logits, target,
                                                                           labels), rtol=1e-5)
     np.testing.assert_allclose(float(got["positives"]), 4 / 3, rtol=1e-6)

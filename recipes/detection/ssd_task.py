@@ -143,7 +143,7 @@ def box_spec(config: SSDConfig, model):
     sizes = ssd.feature_sizes(model, config.image_size)
     steps = config.box_steps or tuple(config.image_size / s for s in sizes)
     return ssd.DefaultBoxSpec(config.image_size, sizes, tuple(steps),
-                                    tuple(config.box_scales), config.parsed_aspect_ratios())
+                              tuple(config.box_scales), config.parsed_aspect_ratios())
 
 
 def learning_rate_schedule(config: SSDConfig, total_steps: int):
@@ -188,7 +188,7 @@ def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable
             model = nnx.merge(graphdef, params, state["batch_stats"])
             offsets, logits = model(images, train=True)
             losses = ssd.ssd_loss(offsets, logits, target_offsets, target_labels,
-                                        config.negative_ratio)
+                                  config.negative_ratio)
             batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
             return losses["loss"], (losses, logits, batch_stats)
 
