@@ -23,8 +23,10 @@ if REPO_ROOT not in sys.path:
 
 import sparse_jax  # noqa: E402
 from recipes.detection import boxes as box_ops  # noqa: E402
-from recipes.detection import coco_eval, digits_detection, maskrcnn, maskrcnn_data, maskrcnn_task, rcnn_ops  # noqa: E402
+from recipes.detection import (coco_data, coco_eval, digits_detection, maskrcnn,  # noqa: E402
+                               maskrcnn_task, rcnn_ops)
 from recipes.engine import workflow  # noqa: E402
+from recipes.vision import weights  # noqa: E402
 
 SMALL = maskrcnn.ModelConfig(num_classes=11, num_filters=8, stage_sizes=(1, 1, 1, 1),
                              fpn_channels=16, representation_size=32, mask_channels=16)
@@ -40,8 +42,8 @@ def test_full_model_parameter_count_is_torchvisions():
 
 def test_pruning_plan_of_the_full_model():
     abstract = nnx.eval_shape(lambda: maskrcnn.MaskRCNN(maskrcnn.ModelConfig(), rngs=nnx.Rngs(0)))
-    plans = {p.path: p for p in sparse_jax.plan_tree(nnx.state(abstract, nnx.Param),
-                                                     rules=maskrcnn.PRUNING_RULES)}
+    # The task's rules: sparse_jax's defaults (the workflow passes pruning_rules=None).
+    plans = {p.path: p for p in sparse_jax.plan_tree(nnx.state(abstract, nnx.Param))}
     kernels = {path: p for path, p in plans.items() if len(p.shape) >= 2}
     dense = sorted(path for path, p in kernels.items() if p.axis is None)
     assert dense == ["backbone/body/conv1/kernel"]  # 3 input channels
@@ -104,9 +106,17 @@ def test_torchvision_names_and_shapes():
     assert len(keys) == 53 + 53 * 4 + 16 + 6 + 8 + 12
 
 
+def _export_torchvision_state_dict(model):
+    """torch layouts and torchvision names (the deconvolution's kernel is (in, out, kh, kw))."""
+    out = weights.export_state_dict(model, maskrcnn.torch_key)
+    key = "roi_heads.mask_predictor.conv5_mask.weight"
+    out[key] = np.ascontiguousarray(np.transpose(out[key], (1, 0, 2, 3)))
+    return out
+
+
 def test_state_dict_round_trip_old_names_and_errors():
     model = maskrcnn.create_model(SMALL, seed=1)
-    exported = maskrcnn.export_torchvision_state_dict(model)
+    exported = _export_torchvision_state_dict(model)
     other = maskrcnn.create_model(SMALL, seed=2)
     # Older torchvision names are accepted.
     renamed = {}
@@ -167,27 +177,27 @@ def test_fpn_features_and_rpn_objectness_equal_torchvisions():
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     spec = digits_detection.DigitsSpec(num_train_images=6, num_val_images=6, seed=3)
-    return digits_detection.write_coco_directory(str(tmp_path_factory.mktemp("digits")), spec)
+    return digits_detection.get_coco_directory(str(tmp_path_factory.mktemp("digits")),
+                                               spec=spec, log=lambda _: None)
 
 
 def test_coco_segm_ap_is_one_on_ground_truth_fed_back(digits_dir):
-    source = maskrcnn_data.MaskSource(digits_dir, "val2017")
+    source = coco_data.CocoDetectionSource(digits_dir, "val2017", masks=True)
     records, pasted_records = [], []
     for record in source.records:
-        masks = maskrcnn_data.decode_masks(record["segmentations"], record["height"],
-                                           record["width"])
+        masks = coco_data.decode_masks(record["segmentations"], record["height"], record["width"])
         boxes = record["boxes"]
         ids = [record["image_id"]] * len(boxes)
         categories = [source.category_ids[label - 1] for label in record["labels"]]
         records += coco_eval.detection_records(ids, categories, box_ops.xyxy_to_xywh(boxes),
                                                [1.0] * len(boxes),
-                                               maskrcnn_task.encode_masks(masks))
+                                               [digits_detection.encode_mask(m) for m in masks])
         # The prediction path: 28x28 targets on the boxes, pasted back at 0.5.
         crops = rcnn_ops.mask_targets(masks, boxes, np.arange(len(boxes)), 28)
         pasted = rcnn_ops.paste_masks(np.asarray(crops), boxes, masks.shape[1:]) > 0.5
         pasted_records += coco_eval.detection_records(
             ids, categories, box_ops.xyxy_to_xywh(boxes), [1.0] * len(boxes),
-            maskrcnn_task.encode_masks(pasted))
+            [digits_detection.encode_mask(m) for m in pasted])
     assert len(records) >= 6
     assert coco_eval.evaluate(source.annotation_file, records, "segm")["AP"] == 1.0
     assert coco_eval.evaluate(source.annotation_file, records, "bbox")["AP"] == 1.0
@@ -197,11 +207,12 @@ def test_coco_segm_ap_is_one_on_ground_truth_fed_back(digits_dir):
 
 
 def test_train_transform_flips_and_resizes_masks_with_boxes(digits_dir):
-    source = maskrcnn_data.MaskSource(digits_dir, "train2017", skip_empty=True)
+    source = coco_data.CocoDetectionSource(digits_dir, "train2017", skip_empty=True,
+                                          masks=True)
     record = source.records[0]
-    example = maskrcnn_data.transform(record, np.random.default_rng(0), min_sizes=(48,),
-                                      max_size=96, canvas=(96, 96), max_boxes=5,
-                                      flip_probability=1.0)
+    example = coco_data.maskrcnn_transform(record, np.random.default_rng(0), min_sizes=(48,),
+                                           max_size=96, canvas=(96, 96), max_boxes=5,
+                                           flip_probability=1.0)
     assert example["image"].shape == (96, 96, 3) and example["masks"].shape == (5, 96, 96)
     np.testing.assert_array_equal(example["image_hw"], [48, 48])
     assert not example["image"][48:].any() and not example["masks"][:, :, 48:].any()
@@ -214,8 +225,8 @@ def test_train_transform_flips_and_resizes_masks_with_boxes(digits_dir):
         # Flipped: the box's left edge comes from the original right edge.
         assert abs(box[0] - (96 - original[2]) / 2) < 1e-4
     with pytest.raises(ValueError, match="larger than the canvas"):
-        maskrcnn_data.transform(record, None, min_sizes=(128,), max_size=128, canvas=(96, 96),
-                                max_boxes=5)
+        coco_data.maskrcnn_transform(record, None, min_sizes=(128,), max_size=128,
+                                     canvas=(96, 96), max_boxes=5)
 
 
 def test_help_gives_the_full_scale_commands(capsys):

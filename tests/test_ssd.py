@@ -22,7 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from recipes.detection import coco_data, coco_eval, digits_detection, ssd, ssd_boxes  # noqa: E402
+from recipes.detection import coco_data, coco_eval, digits_detection, ssd  # noqa: E402
 from recipes.vision import models
 from recipes.detection import ssd_task  # noqa: E402
 from recipes.engine import workflow  # noqa: E402
@@ -44,10 +44,10 @@ def digits_dir(tmp_path_factory):
 
 
 def test_ssd300_has_8732_default_boxes_with_nvidia_scales():
-    boxes = ssd_boxes.default_boxes()
+    boxes = ssd.default_boxes()
     assert boxes.shape == (8732, 4) and boxes.dtype == np.float32
     # 38^2 * 4 + 19^2 * 6 + 10^2 * 6 + 5^2 * 6 + 3^2 * 4 + 1 * 4
-    assert 5776 + 2166 + 600 + 150 + 36 + 4 == 8732 == ssd_boxes.DefaultBoxSpec().num_boxes
+    assert 5776 + 2166 + 600 + 150 + 36 + 4 == 8732 == ssd.DefaultBoxSpec().num_boxes
     # Written out from NVIDIA's dboxes300_coco: sizes (sk, sk), (sk', sk'), (sk*sqrt(a), sk/sqrt(a)),
     # (sk/sqrt(a), sk*sqrt(a)); centres (j + 0.5) / (300 / step); clipped to [0, 1].
     expected = []
@@ -77,22 +77,22 @@ def test_ssd300_has_8732_default_boxes_with_nvidia_scales():
 
 def test_default_box_spec_rejects_inconsistent_lengths():
     with pytest.raises(ValueError, match="one more scale"):
-        ssd_boxes.DefaultBoxSpec(feature_sizes=(38, 19), steps=(8, 16), scales=(21, 45),
-                                 aspect_ratios=((2,), (2,)))
+        ssd.DefaultBoxSpec(feature_sizes=(38, 19), steps=(8, 16), scales=(21, 45),
+                           aspect_ratios=((2,), (2,)))
 
 
 def test_encode_hand_worked_and_round_trip():
     box = np.array([[0.55, 0.5, 0.2, 0.1]])
     default = np.array([[0.5, 0.5, 0.1, 0.1]])
     # ((0.55 - 0.5) / (0.1 * 0.1), 0, log(0.2 / 0.1) / 0.2, log(1) / 0.2)
-    np.testing.assert_allclose(ssd_boxes.encode(box, default), [[5.0, 0.0, math.log(2) / 0.2, 0.0]],
+    np.testing.assert_allclose(ssd.encode(box, default), [[5.0, 0.0, math.log(2) / 0.2, 0.0]],
                                rtol=1e-12, atol=1e-12)
     rng = np.random.default_rng(0)
     defaults = np.concatenate([rng.uniform(0.1, 0.9, (50, 2)), rng.uniform(0.05, 0.5, (50, 2))], 1)
     boxes = np.concatenate([rng.uniform(0.0, 1.0, (50, 2)), rng.uniform(0.01, 1.0, (50, 2))], 1)
-    np.testing.assert_allclose(ssd_boxes.decode(ssd_boxes.encode(boxes, defaults), defaults), boxes,
+    np.testing.assert_allclose(ssd.decode(ssd.encode(boxes, defaults), defaults), boxes,
                                rtol=1e-10)
-    got = jax.jit(lambda b, d: ssd_boxes.decode(ssd_boxes.encode(b, d), d))(
+    got = jax.jit(lambda b, d: ssd.decode(ssd.encode(b, d), d))(
         jnp.asarray(boxes, jnp.float32), jnp.asarray(defaults, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), boxes, rtol=1e-5, atol=1e-6)
 
@@ -109,7 +109,7 @@ def test_match_hand_worked():
                    [0.0, 0.0, 1.0, 1.0]],    # padding (label 0): IoU 0.25 everywhere, ignored
                   np.float32)
     labels = np.array([3, 5, 0], np.int32)
-    boxes, matched = ssd_boxes.match(jnp.asarray(gt), jnp.asarray(labels), jnp.asarray(QUADRANTS))
+    boxes, matched = ssd.match(jnp.asarray(gt), jnp.asarray(labels), jnp.asarray(QUADRANTS))
     np.testing.assert_array_equal(np.asarray(matched), [3, 0, 0, 5])
     np.testing.assert_allclose(np.asarray(boxes)[0], gt[0])
     np.testing.assert_allclose(np.asarray(boxes)[3], gt[1])
@@ -123,21 +123,21 @@ def test_match_threshold_is_strict_and_claims_survive():
     # quadrant 1 at IoU 0.6 is a positive by IoU; nothing matches quadrants 2 and 3.
     gt = np.array([[0.0, 0.0, 0.5, 0.25], [0.5, 0.0, 1.0, 0.3]], np.float32)
     labels = np.array([1, 2], np.int32)
-    _, matched = ssd_boxes.match(jnp.asarray(gt), jnp.asarray(labels), jnp.asarray(QUADRANTS))
+    _, matched = ssd.match(jnp.asarray(gt), jnp.asarray(labels), jnp.asarray(QUADRANTS))
     np.testing.assert_array_equal(np.asarray(matched), [1, 2, 0, 0])
     # Raise the threshold: quadrant 1 (IoU 0.6) is a positive only through its claim now.
-    _, matched = ssd_boxes.match(jnp.asarray(gt), jnp.asarray(labels), jnp.asarray(QUADRANTS), 0.7)
+    _, matched = ssd.match(jnp.asarray(gt), jnp.asarray(labels), jnp.asarray(QUADRANTS), 0.7)
     np.testing.assert_array_equal(np.asarray(matched), [1, 2, 0, 0])
     # A default box that is no one's best and overlaps at 0.5 exactly stays background.
     defaults = np.concatenate([QUADRANTS, [[0.25, 0.125, 0.5, 0.25]]]).astype(np.float32)
     gt = np.array([[0.0, 0.0, 0.5, 0.25]], np.float32)  # best: the new fifth box (IoU 1)
-    _, matched = ssd_boxes.match(jnp.asarray(gt), jnp.asarray([4]), jnp.asarray(defaults))
+    _, matched = ssd.match(jnp.asarray(gt), jnp.asarray([4]), jnp.asarray(defaults))
     np.testing.assert_array_equal(np.asarray(matched), [0, 0, 0, 0, 4])
 
 
 def test_match_without_objects_is_all_background():
     gt = np.zeros((3, 4), np.float32)
-    _, matched = ssd_boxes.match(jnp.asarray(gt), jnp.zeros(3, jnp.int32), jnp.asarray(QUADRANTS))
+    _, matched = ssd.match(jnp.asarray(gt), jnp.zeros(3, jnp.int32), jnp.asarray(QUADRANTS))
     assert not np.asarray(matched).any()
 
 
@@ -153,7 +153,7 @@ def test_hard_negative_mining_takes_three_negatives_per_positive_of_highest_loss
     positive[0, [1, 7, 30]] = True           # 3 positives: 9 negatives
     positive[1, :20] = True                  # 20 positives: all 40 background boxes
     positive[3, 59] = True                   # 1 positive: 3 negatives; image 2 has none: 0
-    got = np.asarray(ssd_boxes.hard_negatives(jnp.asarray(loss), jnp.asarray(positive)))
+    got = np.asarray(ssd.hard_negatives(jnp.asarray(loss), jnp.asarray(positive)))
     for image in range(4):
         background = np.flatnonzero(~positive[image])
         count = min(3 * positive[image].sum(), background.size)
@@ -194,8 +194,8 @@ def test_ssd_loss_matches_brute_force():
     labels = np.zeros((3, 40), np.int32)
     labels[0, [2, 5, 11]] = [1, 4, 2]
     labels[2, 30] = 3  # image 1 has no positive: it adds 0 to the batch mean
-    got = ssd_boxes.ssd_loss(jnp.asarray(pred), jnp.asarray(logits), jnp.asarray(target),
-                             jnp.asarray(labels))
+    got = ssd.ssd_loss(jnp.asarray(pred), jnp.asarray(logits), jnp.asarray(target),
+                       jnp.asarray(labels))
     np.testing.assert_allclose(float(got["loss"]), _loss_by_brute_force(pred, logits, target,
                                                                           labels), rtol=1e-5)
     np.testing.assert_allclose(float(got["positives"]), 4 / 3, rtol=1e-6)
@@ -241,7 +241,7 @@ def test_postprocess_matches_brute_force_per_class_nms(max_total):
         boxes.append(np.concatenate([c - half, c + half]))
     boxes = np.asarray(boxes)
     scores = rng.dirichlet(np.ones(4) * 0.3, size=60)
-    got_boxes, got_scores, got_labels = ssd_boxes.postprocess(
+    got_boxes, got_scores, got_labels = ssd.postprocess(
         boxes, scores, score_threshold=0.05, iou_threshold=0.45, max_per_class=200,
         max_detections=max_total)
     expected = _postprocess_by_brute_force(boxes, scores, 0.05, 0.45, 200, max_total)
@@ -256,10 +256,10 @@ def test_postprocess_keeps_only_the_best_per_class_before_nms():
     boxes = np.array([[i, 0, i + 0.5, 0.5] for i in range(5)], float)
     scores = np.zeros((5, 2))
     scores[:, 1] = [0.3, 0.9, 0.1, 0.6, 0.8]
-    _, got_scores, _ = ssd_boxes.postprocess(boxes, scores, max_per_class=3)
+    _, got_scores, _ = ssd.postprocess(boxes, scores, max_per_class=3)
     np.testing.assert_allclose(got_scores, [0.9, 0.8, 0.6])
     with pytest.raises(ValueError, match="expected boxes"):
-        ssd_boxes.postprocess(boxes[:, :3], scores)
+        ssd.postprocess(boxes[:, :3], scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +295,8 @@ def test_digits_set_layout_masks_boxes_and_determinism(digits_dir, tmp_path):
             if ring.any():
                 assert image[mask].mean() > image[ring].mean() + 60
     # Same spec, same files; another seed, other images.
-    again = digits_detection.write_coco_directory(str(tmp_path / "again"), SMALL_SPEC)
+    again = digits_detection.get_coco_directory(str(tmp_path / "again"), spec=SMALL_SPEC,
+                                                 log=lambda _: None)
     for name in ("annotations/instances_val2017.json", "val2017/000000000003.png"):
         with open(os.path.join(digits_dir, name), "rb") as a, open(os.path.join(again, name),
                                                                   "rb") as b:
@@ -322,11 +323,23 @@ def test_digits_set_is_cached_and_rewritten_for_another_spec(tmp_path):
         digits_detection.DigitsSpec(image_size=32, max_digit_size=40)
 
 
+def _ground_truth_as_detections(ground_truth, iou_type="bbox"):
+    """Every non-crowd ground-truth object as a detection with score 1 (a perfect detector)."""
+    records = []
+    for ann in ground_truth.loadAnns(ground_truth.getAnnIds(iscrowd=False)):
+        record = {"image_id": ann["image_id"], "category_id": ann["category_id"],
+                  "bbox": list(ann["bbox"]), "score": 1.0}
+        if iou_type == "segm":
+            record["segmentation"] = ground_truth.annToRLE(ann)
+        records.append(record)
+    return records
+
+
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_coco_evaluator_scores_ground_truth_as_perfect(digits_dir, iou_type):
     gt = coco_eval.load_ground_truth(os.path.join(digits_dir, "annotations",
                                                   "instances_val2017.json"))
-    perfect = coco_eval.ground_truth_as_detections(gt, iou_type)
+    perfect = _ground_truth_as_detections(gt, iou_type)
     summary = coco_eval.evaluate(gt, perfect, iou_type)
     assert list(summary) == list(coco_eval.SUMMARY_NAMES)
     assert summary["AP"] == summary["AP50"] == summary["AP75"] == summary["AR100"] == 1.0
@@ -344,7 +357,7 @@ def test_coco_evaluator_penalises_shifted_boxes_and_checks_input(digits_dir):
     gt = coco_eval.load_ground_truth(os.path.join(digits_dir, "annotations",
                                                   "instances_val2017.json"))
     shifted = []
-    for record in coco_eval.ground_truth_as_detections(gt):
+    for record in _ground_truth_as_detections(gt):
         x, y, w, h = record["bbox"]
         shifted.append({**record, "bbox": [x + 0.3 * w, y, w, h]})  # IoU 0.7 / 1.3 = 0.54
     summary = coco_eval.evaluate(gt, shifted)

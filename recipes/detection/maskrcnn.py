@@ -1,39 +1,10 @@
 """Mask R-CNN as torchvision's ``maskrcnn_resnet50_fpn`` (v1), in Flax NNX with static shapes.
 
-The module tree keeps torchvision's names, so its state dict maps one to one (`torch_key`):
-
-==================================  ==================================================
-NNX path                            torchvision key
-==================================  ==================================================
-``backbone/body/...``               ``backbone.body.*`` (ResNet-50, frozen BatchNorm)
-``backbone/fpn/inner_blocks/i``     ``backbone.fpn.inner_blocks.i.0`` (1x1 lateral)
-``backbone/fpn/layer_blocks/i``     ``backbone.fpn.layer_blocks.i.0`` (3x3 output)
-``rpn/head/conv``                   ``rpn.head.conv.0.0``
-``rpn/head/cls_logits, bbox_pred``  ``rpn.head.cls_logits``, ``rpn.head.bbox_pred``
-``roi_heads/box_head/fc6, fc7``     ``roi_heads.box_head.fc6``, ``.fc7``
-``roi_heads/box_predictor/...``     ``roi_heads.box_predictor.cls_score``, ``.bbox_pred``
-``roi_heads/mask_head/i``           ``roi_heads.mask_head.i.0`` (four 3x3 convs)
-``roi_heads/mask_predictor/...``    ``roi_heads.mask_predictor.conv5_mask`` (deconv),
-                                    ``.mask_fcn_logits``
-==================================  ==================================================
-
-(older torchvision names, ``inner_blocks.i.weight``, ``rpn.head.conv.weight``,
-``mask_head.mask_fcnN``, are accepted on import). Layouts: conv ``(out, in, kh, kw)`` ->
-``(kh, kw, in, out)``, linear ``(out, in)`` -> ``(in, out)``, the transposed conv ``(in, out, kh,
-kw)`` -> ``(kh, kw, in, out)``; ``fc6`` reads the pooled ``(C, 7, 7)`` features flattened in
-torch's order, so its kernel is ``fc6.weight.T`` unchanged.
-
-Architecture (torchvision's defaults): ResNet-50 body with ``FrozenBatchNorm2d`` (eps 1e-5) and
-``conv1``/``layer1`` frozen (``trainable_layers=3``); FPN on C2..C5 with 256 channels and a
-P6 max-pool level; RPN head (3x3 conv, objectness and deltas for 3 anchors a cell; anchors
-32..512, ratios 0.5/1/2); proposals: top ``pre_nms_top_n`` per level, decode, clip, drop boxes
-smaller than 1e-3, NMS 0.7 within each level, best ``post_nms_top_n``; box head
-``MultiScaleRoIAlign`` 7x7 (sampling 2) -> fc6, fc7 (1024) -> classes and class-specific deltas
-(weights 10, 10, 5, 5); mask head ``MultiScaleRoIAlign`` 14x14 -> four 3x3 convs (256) ->
-2x2/2 deconv -> 1x1 conv per class (28x28 logits).
-
-Every count is static (proposals, sampled RoIs, detections: padded with validity masks), so
-training and inference ``jit``. The built-in default scales widths down (`ModelConfig`).
+The module tree keeps torchvision's names (``backbone/body`` ResNet-50 with frozen BatchNorm,
+``backbone/fpn``, ``rpn/head``, ``roi_heads/{box_head,box_predictor,mask_head,mask_predictor}``),
+so its state dict maps one to one (`torch_key`; older names are accepted on import). Every count
+(proposals, sampled RoIs, detections) is static, padded with validity masks, so training and
+inference ``jit``; the computation is in functions of the model and its `ModelConfig`.
 """
 
 from __future__ import annotations
@@ -97,17 +68,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Modules
-# ---------------------------------------------------------------------------------------------
-
-
 class FrozenBatchNorm(nnx.Module):
-    """torchvision's ``FrozenBatchNorm2d``: ``x * w / sqrt(var + eps) + b - mean * w / sqrt(var +
-    eps)`` with fixed statistics. ``scale``/``bias`` are ``nnx.BatchStat`` (never trained) unless
-    ``trainable_affine`` makes them ``nnx.Param`` (the from-scratch built-in default, where
-    ``zero_scale`` starts a residual branch at zero, SkipInit-style, in place of the statistics
-    it has not got)."""
+    """torchvision's ``FrozenBatchNorm2d`` (fixed statistics); ``trainable_affine`` makes scale and
+    bias ``nnx.Param`` (the from-scratch default, ``zero_scale`` starting a residual branch at
+    0, SkipInit-style)."""
 
     def __init__(self, features: int, *, trainable_affine: bool = False, zero_scale: bool = False,
                  eps: float = 1e-5, dtype: Any = jnp.float32):
@@ -125,8 +89,7 @@ class FrozenBatchNorm(nnx.Module):
 
 
 def _resnet_body(config: ModelConfig, dtype, rngs: nnx.Rngs) -> models.ResNet:
-    """``models.ResNet`` (torchvision's layout) with every BatchNorm replaced by
-    `FrozenBatchNorm` and no classifier."""
+    """``models.ResNet`` with `FrozenBatchNorm` everywhere and no classifier."""
     body = models.ResNet(models.Bottleneck, config.stage_sizes, num_classes=1,
                          num_filters=config.num_filters, in_channels=3, stem="imagenet",
                          dtype=dtype, rngs=rngs)
@@ -158,7 +121,7 @@ _mask_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def nearest_upsample(x, size: tuple[int, int]):
-    """``F.interpolate(mode="nearest", size=size)`` on NHWC: source index ``floor(i * in / out)``."""
+    """``F.interpolate(mode="nearest", size=size)`` on NHWC: source ``floor(i * in / out)``."""
     rows = np.floor(np.arange(size[0]) * (x.shape[1] / size[0])).astype(np.int32)
     cols = np.floor(np.arange(size[1]) * (x.shape[2] / size[1])).astype(np.int32)
     return x[:, rows][:, :, cols]
@@ -215,8 +178,7 @@ class RPNHead(nnx.Module):
         self.bbox_pred = conv(channels, 4 * num_anchors, 1)
 
     def __call__(self, features: list):
-        """Objectness ``(N, T)`` and deltas ``(N, T, 4)`` over all levels, cell-major then anchor,
-        the order of `rcnn_ops.generate_anchors`."""
+        """Objectness ``(N, T)`` and deltas ``(N, T, 4)`` over all levels, in anchor order."""
         logits, deltas = [], []
         for x in features:
             t = nnx.relu(self.conv(x))
@@ -256,8 +218,8 @@ class FastRCNNPredictor(nnx.Module):
 
 
 class ConvTranspose2x2(nnx.Module):
-    """``ConvTranspose2d(in, out, 2, stride=2)``: every input pixel writes its own 2x2 block, so it
-    is one matmul; the kernel is ``(2, 2, in, out)`` (reduction axis -2, like a conv's)."""
+    """``ConvTranspose2d(in, out, 2, stride=2)`` as one matmul (each pixel writes its own 2x2
+    block); kernel ``(2, 2, in, out)``."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype, rngs):
         self.kernel = nnx.Param(_mask_init(rngs.params(), (2, 2, in_features, out_features)))
@@ -292,9 +254,7 @@ class RoIHeads(nnx.Module):
 
 
 class MaskRCNN(nnx.Module):
-    """torchvision's ``MaskRCNN`` modules; the computation is in the functions below (they take
-    the model and ``ModelConfig``), so that training and inference can split it where a host step
-    or a static shape needs."""
+    """torchvision's ``MaskRCNN`` modules (the computation is in the functions below)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.dtype)
@@ -314,17 +274,12 @@ def create_model(config: ModelConfig, seed: int = 0) -> MaskRCNN:
 
 
 def frozen_parameter(path: str, config: ModelConfig) -> bool:
-    """Whether a parameter (``/``-joined path) is frozen: ``conv1`` and the stages below the
-    ``trainable_layers`` top ones (torchvision's ``_resnet_fpn_extractor``)."""
+    """Whether a ``/``-joined parameter path is frozen (torchvision's ``_resnet_fpn_extractor``)."""
     names = ["layer4", "layer3", "layer2", "layer1", "conv1"][config.trainable_layers:]
     if "conv1" in names:
         names.append("bn1")
     return any(path.startswith(f"backbone/body/{name}/") for name in names)
 
-
-# ---------------------------------------------------------------------------------------------
-# torchvision state dicts
-# ---------------------------------------------------------------------------------------------
 
 _SUFFIX_ZERO = re.compile(r"^(backbone\.fpn\.(inner|layer)_blocks\.\d+|roi_heads\.mask_head\.\d+)$")
 _OLD_NAMES = (
@@ -337,7 +292,7 @@ DECONV_KEY = "roi_heads.mask_predictor.conv5_mask.weight"
 
 
 def torch_key(path: tuple[Any, ...]) -> str:
-    """The torchvision state-dict key of an NNX leaf path (see the module docstring)."""
+    """The torchvision state-dict key of an NNX leaf path."""
     key = weights._torch_key(path)
     module, leaf = key.rsplit(".", 1)
     if _SUFFIX_ZERO.match(module):
@@ -347,57 +302,25 @@ def torch_key(path: tuple[Any, ...]) -> str:
     return f"{module}.{leaf}"
 
 
-def normalize_torchvision_names(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Older torchvision key names -> the current ones (as torchvision's own loader does)."""
-    out = {}
+def import_torchvision_state_dict(model: MaskRCNN, state_dict: dict[str, np.ndarray]) -> None:
+    """Copies a torchvision ``maskrcnn_resnet50_fpn`` state dict (older names too) into ``model``;
+    ``ValueError`` naming the key and shapes on a mismatch."""
+    renamed = {}
     for key, value in state_dict.items():
         for pattern, replacement in _OLD_NAMES:
             key = pattern.sub(replacement, key)
-        out[key] = value
-    return out
-
-
-def import_torchvision_state_dict(model: MaskRCNN, state_dict: dict[str, np.ndarray]) -> None:
-    """Copies a torchvision ``maskrcnn_resnet50_fpn`` state dict into ``model`` in place.
-
-    Raises ``ValueError`` naming the key and both shapes on any mismatch (missing or
-    unexpected keys, wrong shapes: e.g. a 91-class checkpoint into a 11-class model).
-    """
-    state_dict = normalize_torchvision_names(dict(state_dict))
-    if DECONV_KEY in state_dict:  # ConvTranspose2d (in, out, kh, kw) -> the conv order (out, in, ..)
+        renamed[key] = value
+    state_dict = renamed
+    if DECONV_KEY in state_dict:  # ConvTranspose2d (in, out, kh, kw) -> a conv's (out, in, ..)
         state_dict[DECONV_KEY] = np.transpose(np.asarray(state_dict[DECONV_KEY]), (1, 0, 2, 3))
     weights.import_state_dict(model, state_dict, torch_key, "torchvision Mask R-CNN")
 
 
-def export_torchvision_state_dict(model: MaskRCNN) -> dict[str, np.ndarray]:
-    """The inverse of `import_torchvision_state_dict` (torch layouts, torchvision names)."""
-    out = weights.export_state_dict(model, torch_key)
-    out[DECONV_KEY] = np.ascontiguousarray(np.transpose(out[DECONV_KEY], (1, 0, 2, 3)))
-    return out
-
-
-# Which kernels 2:4 pruning touches: every conv and linear along its input axis, where its
-# input size allows (sparse_jax's default rules skip the 3-channel stem conv and any reduction
-# not a multiple of 4). Nothing is excluded by name.
-PRUNING_RULES: tuple = ()
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward pieces
-# ---------------------------------------------------------------------------------------------
-
-
 def feature_sizes(image_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """Sizes of P2..P6 for a padded ``image_hw``: the stem conv, the max-pool and each stage
-    halve with rounding up; P6 halves P5."""
-    def half(v):
-        return -(-v // 2)
-
-    h, w = half(half(image_hw[0])), half(half(image_hw[1]))
-    sizes = [(h, w)]
+    """Sizes of P2..P6 for a padded ``image_hw`` (stem, max-pool, stages, P6 halve, rounding up)."""
+    sizes = [(-(-image_hw[0] // 4), -(-image_hw[1] // 4))]
     for _ in range(4):
-        h, w = half(h), half(w)
-        sizes.append((h, w))
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
     return sizes
 
 
@@ -410,13 +333,8 @@ def anchors_for(config: ModelConfig, image_hw: tuple[int, int]) -> tuple[np.ndar
 
 def propose(config: ModelConfig, objectness, deltas, anchors: np.ndarray, levels: np.ndarray,
             image_hw, train: bool):
-    """RPN proposals for a batch: ``(N, P, 4)`` boxes (no gradient) and ``(N, P)`` validity.
-
-    Per image and level: the ``pre_nms_top_n`` best objectness logits, decoded (weights 1) and
-    clipped to the image's (unpadded) ``image_hw (N, 2)``; boxes under 1e-3 pixels wide or high
-    are dropped; NMS (``rpn_nms_thresh``) within each level; the ``post_nms_top_n`` best over
-    all levels (torchvision's ``filter_proposals``).
-    """
+    """torchvision's ``filter_proposals``: ``(N, P, 4)`` boxes (no gradient), ``(N, P)`` validity
+    (per level the ``pre_nms_top_n`` best, decoded, clipped, NMS; the ``post_nms_top_n`` best)."""
     pre = config.rpn_pre_nms_top_n_train if train else config.rpn_pre_nms_top_n_test
     post = config.rpn_post_nms_top_n_train if train else config.rpn_post_nms_top_n_test
     objectness = jax.lax.stop_gradient(objectness)
@@ -434,7 +352,8 @@ def propose(config: ModelConfig, objectness, deltas, anchors: np.ndarray, levels
             index = index + start
             decoded = rcnn_ops.decode_boxes(image_deltas[index], jnp.asarray(anchors)[index])
             decoded = rcnn_ops.clip_boxes(decoded, hw)
-            big = ((decoded[:, 2] - decoded[:, 0]) >= 1e-3) & ((decoded[:, 3] - decoded[:, 1]) >= 1e-3)
+            big = (((decoded[:, 2] - decoded[:, 0]) >= 1e-3)
+                   & ((decoded[:, 3] - decoded[:, 1]) >= 1e-3))
             pad = k - top
             boxes.append(jnp.pad(decoded, ((0, pad), (0, 0))))
             scores.append(jnp.pad(level_scores, (0, pad), constant_values=-jnp.inf))
@@ -459,7 +378,7 @@ def _pool(config: ModelConfig, features: list, rois, size: int):
 
 
 def box_head(model: MaskRCNN, features: list, rois):
-    """Class logits ``(N, R, C)`` and class-specific deltas ``(N, R, C, 4)`` of ``rois (N, R, 4)``."""
+    """Class logits ``(N, R, C)`` and per-class deltas ``(N, R, C, 4)`` of ``rois (N, R, 4)``."""
     n, r = rois.shape[:2]
     x = model.roi_heads.box_head(_pool(model.config, features, rois, model.config.box_pool))
     predictor = model.roi_heads.box_predictor
@@ -480,32 +399,19 @@ def mask_head(model: MaskRCNN, features: list, rois):
     return logits.reshape(n, r, *logits.shape[1:])
 
 
-# ---------------------------------------------------------------------------------------------
-# Training losses
-# ---------------------------------------------------------------------------------------------
-
-
-def smooth_l1(x, beta: float):
-    absolute = jnp.abs(x)
-    return jnp.where(absolute < beta, 0.5 * x * x / beta, absolute - 0.5 * beta)
-
-
 def rpn_loss(config: ModelConfig, key, objectness, deltas, anchors, gt_boxes, gt_valid):
-    """torchvision's RPN loss: anchors matched (0.7 / 0.3, low-quality matches kept), 256 sampled
-    per image (half positive at most); BCE over the sampled, smooth-L1 (beta 1/9) over the
-    sampled positives, both divided by the number sampled in the batch."""
+    """torchvision's RPN loss: BCE over the sampled anchors, smooth-L1 (beta 1/9) over the sampled
+    positives, both over the number sampled in the batch."""
     anchors = jnp.asarray(anchors)
 
     def one_image(key, logits, image_deltas, boxes, valid):
-        iou = box_ops.pairwise_iou(boxes, anchors)
-        matches = rcnn_ops.match_boxes(iou, valid, config.rpn_fg_iou_thresh,
-                                       config.rpn_bg_iou_thresh, True)
-        labels = jnp.where(matches >= 0, 1, jnp.where(matches == rcnn_ops.BELOW_LOW_THRESHOLD, 0, -1))
-        index, ok, positive = rcnn_ops.sample_balanced(key, labels, config.rpn_batch_size_per_image,
-                                                       config.rpn_positive_fraction)
+        matches, index, ok, positive = rcnn_ops.sample_matches(
+            key, box_ops.pairwise_iou(boxes, anchors), valid, config.rpn_fg_iou_thresh,
+            config.rpn_bg_iou_thresh, True, config.rpn_batch_size_per_image,
+            config.rpn_positive_fraction)
         bce = _bce(logits[index], positive.astype(jnp.float32))
         targets = rcnn_ops.encode_boxes(boxes[jnp.maximum(matches[index], 0)], anchors[index])
-        box = jnp.sum(smooth_l1(image_deltas[index] - targets, 1.0 / 9.0), axis=-1)
+        box = jnp.sum(box_ops.smooth_l1(image_deltas[index] - targets, 1.0 / 9.0), axis=-1)
         ok = ok.astype(jnp.float32)
         pos = (positive & (ok > 0)).astype(jnp.float32)
         return jnp.sum(bce * ok), jnp.sum(box * pos), jnp.sum(ok)
@@ -522,25 +428,16 @@ def _bce(logits, targets):
 
 def sample_rois(config: ModelConfig, key, proposals, proposal_valid, gt_boxes, gt_labels,
                 gt_valid):
-    """torchvision's ``select_training_samples``: ground truth appended to the proposals, matched
-    (IoU 0.5 / 0.5), 512 sampled per image (a quarter positive at most).
-
-    Returns a dict of ``(N, B)`` arrays (``B = box_batch_size_per_image``): ``rois``, ``valid``,
-    ``positive``, ``labels`` (0 for background), ``matched`` (ground-truth index), ``targets``
-    (encoded with ``bbox_reg_weights``). Positives sit in the first ``int(B * fraction)``
-    slots.
-    """
+    """torchvision's ``select_training_samples`` (ground truth appended to the proposals): ``(N,
+    B)`` arrays ``rois``, ``valid``, ``positive`` (in the first slots), ``labels`` (0:
+    background), ``matched`` (ground truth) and ``targets``."""
     def one_image(key, boxes, valid, gt, labels, gt_ok):
         candidates = jnp.concatenate([boxes, gt], 0)
         candidate_ok = jnp.concatenate([valid, gt_ok], 0)
-        iou = box_ops.pairwise_iou(gt, candidates)
-        matches = rcnn_ops.match_boxes(iou, gt_ok, config.box_fg_iou_thresh,
-                                       config.box_bg_iou_thresh, False)
-        sample_labels = jnp.where(matches >= 0, 1,
-                                  jnp.where(matches == rcnn_ops.BELOW_LOW_THRESHOLD, 0, -1))
-        sample_labels = jnp.where(candidate_ok, sample_labels, -1)
-        index, ok, positive = rcnn_ops.sample_balanced(
-            key, sample_labels, config.box_batch_size_per_image, config.box_positive_fraction)
+        matches, index, ok, positive = rcnn_ops.sample_matches(
+            key, box_ops.pairwise_iou(gt, candidates), gt_ok, config.box_fg_iou_thresh,
+            config.box_bg_iou_thresh, False, config.box_batch_size_per_image,
+            config.box_positive_fraction, candidate_ok)
         rois = candidates[index]
         matched = jnp.maximum(matches[index], 0)
         return {"rois": rois, "valid": ok, "positive": positive & ok,
@@ -553,11 +450,8 @@ def sample_rois(config: ModelConfig, key, proposals, proposal_valid, gt_boxes, g
 
 
 def losses(model: MaskRCNN, key, images, image_hw, gt_boxes, gt_labels, gt_masks) -> dict:
-    """torchvision's five training losses for a padded batch.
-
-    ``images (N, H, W, 3)`` normalised, ``image_hw (N, 2)`` the unpadded sizes, ``gt_boxes (N,
-    G, 4)`` in pixels, ``gt_labels (N, G)`` (0: padding), ``gt_masks (N, G, H, W)`` 0/1.
-    """
+    """torchvision's five training losses for a padded batch (``image_hw (N, 2)`` the unpadded
+    sizes, ``gt_boxes (N, G, 4)`` pixels, ``gt_labels (N, G)`` 0 for padding, ``gt_masks``)."""
     config = model.config
     anchors, levels = anchors_for(config, images.shape[1:3])
     gt_valid = gt_labels > 0
@@ -577,7 +471,7 @@ def losses(model: MaskRCNN, key, images, image_hw, gt_boxes, gt_labels, gt_masks
     ce = -jnp.take_along_axis(log_probs, samples["labels"][..., None], -1)[..., 0]
     loss_classifier = jnp.sum(ce * ok) / count
     picked = jnp.take_along_axis(box_deltas, samples["labels"][..., None, None], 2)[:, :, 0]
-    box_error = jnp.sum(smooth_l1(picked - samples["targets"], 1.0 / 9.0), -1)
+    box_error = jnp.sum(box_ops.smooth_l1(picked - samples["targets"], 1.0 / 9.0), -1)
     loss_box_reg = jnp.sum(box_error * samples["positive"]) / count
     # Masks: the positive slots only.
     num_pos = int(config.box_batch_size_per_image * config.box_positive_fraction)
@@ -596,15 +490,9 @@ def losses(model: MaskRCNN, key, images, image_hw, gt_boxes, gt_labels, gt_masks
             "loss_mask": loss_mask}
 
 
-# ---------------------------------------------------------------------------------------------
-# Inference
-# ---------------------------------------------------------------------------------------------
-
-
 def detect_boxes(model: MaskRCNN, images, image_hw):
-    """The jitted part of inference before NMS: features, proposals (test settings) and, per
-    proposal, class probabilities ``(N, P, C)`` and class boxes ``(N, P, C, 4)`` clipped to the
-    image, with the proposals' validity ``(N, P)``."""
+    """Inference before NMS: features, and per proposal class probabilities ``(N, P, C)``, class
+    boxes ``(N, P, C, 4)`` clipped to the image, validity ``(N, P)``."""
     config = model.config
     anchors, levels = anchors_for(config, images.shape[1:3])
     features = model.backbone(images)
@@ -618,15 +506,14 @@ def detect_boxes(model: MaskRCNN, images, image_hw):
 
 def select_detections(config: ModelConfig, scores: np.ndarray, boxes: np.ndarray,
                       valid: np.ndarray):
-    """torchvision's ``postprocess_detections`` for one image on the host: drop the background,
-    scores under ``box_score_thresh`` and boxes under 1e-2 pixels, NMS per class
-    (``box_nms_thresh``), keep the ``detections_per_img`` best. Returns ``(boxes (D, 4),
+    """torchvision's ``postprocess_detections`` for one image on the host: ``(boxes (D, 4),
     scores (D,), labels (D,))``, best first."""
     num_classes = scores.shape[-1]
     labels = np.broadcast_to(np.arange(num_classes), scores.shape)[:, 1:].reshape(-1)
     cand_scores = np.where(valid[:, None], scores[:, 1:], 0.0).reshape(-1)
     cand_boxes = boxes[:, 1:].reshape(-1, 4)
-    wide = ((cand_boxes[:, 2] - cand_boxes[:, 0]) >= 1e-2) & ((cand_boxes[:, 3] - cand_boxes[:, 1]) >= 1e-2)
+    wide = (((cand_boxes[:, 2] - cand_boxes[:, 0]) >= 1e-2)
+            & ((cand_boxes[:, 3] - cand_boxes[:, 1]) >= 1e-2))
     keep = np.flatnonzero((cand_scores > config.box_score_thresh) & wide)
     kept = box_ops.batched_nms(cand_boxes[keep], cand_scores[keep], labels[keep],
                                config.box_nms_thresh, config.detections_per_img)

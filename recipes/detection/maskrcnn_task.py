@@ -1,10 +1,7 @@
-"""Instance segmentation with Mask R-CNN (ResNet-50-FPN; COCO 2017 or the built-in digits) as a task.
-
-torchvision's detection reference: SGD momentum 0.9, lr 0.02 per 16 images, weight decay 1e-4,
-linear warm-up from 1/1000, x0.1 at epochs 16 and 22 of 26, frozen stages untouched. Pruned:
-every conv and linear kernel of the backbone, FPN, RPN head, box and mask heads, 2:4 along its
-input axis (the 3-channel stem conv cannot be). Evaluation is torchvision's inference (masks
-pasted on the original image at 0.5) scored by pycocotools' bbox AP (the headline) and segm AP.
+"""Mask R-CNN (ResNet-50-FPN; COCO 2017 or the built-in digits) as a task: torchvision's
+detection reference, every conv and linear kernel pruned 2:4 along its input axis (not the
+3-channel stem), scored by pycocotools' bbox AP (the headline) and segm AP of torchvision's
+inference (masks pasted on the original image at 0.5).
 """
 
 from __future__ import annotations
@@ -23,12 +20,10 @@ import optax
 from flax import nnx
 
 from recipes.detection import (boxes as box_ops, coco_data, coco_eval, digits_detection, maskrcnn,
-                               maskrcnn_data, rcnn_ops)
+                               rcnn_ops)
 from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
 from recipes.vision import input_pipeline, weights
-
-METRIC_NAMES = ("bbox", "segm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +90,9 @@ def coco_config() -> MaskRCNNConfig:
 
 
 def builtin_config() -> MaskRCNNConfig:
-    """The default: the digits detection set (96x96 canvases, 1..4 digits of 14..40 pixels)
-    with ResNet-50-FPN scaled down (one bottleneck per stage, 1/8 width; FPN 32 channels, box
-    head 128, mask head 32), trained from scratch in minutes on 2 CPU cores.
-
-    From scratch there are no pretrained statistics for the frozen BatchNorms: their scale and
-    bias are trained instead (the last one of each residual branch starting at 0), every stage
-    trains, anchors are 16..64 pixels (the digits' sizes) and the RoI level mapping's canonical
-    size is 56 (a quarter of 224, like the images' scale against COCO's). Proposals (300 / 150),
-    sampled RoIs (64, so 16 mask RoIs) and detections (20) are scaled down with the images.
-    Multi-scale training: short side 80, 88 or 96. The schedule keeps the reference's shape
-    (warm-up, x0.1 at 16/26 and 22/26 of each phase) over 600 steps of 8 images, lr 0.08 per 16
-    images; the dense control runs too. XLA compiles at its default optimisation level: level 0
-    (``fast_compile``) saves about 7 s a compile but made these steps about 3x slower (1.2 s
-    against 0.4 s on the shared 2-core machine).
-    """
+    """The default: the digits set with ResNet-50-FPN scaled down (one bottleneck a stage, 1/8
+    width), from scratch on 2 CPU cores (recipes/README.md): no pretrained statistics, so the
+    frozen BatchNorms' scale and bias train (each residual branch's last from 0)."""
     return MaskRCNNConfig(
         num_filters=8, stage_sizes=(1, 1, 1, 1), fpn_channels=32, representation_size=128,
         mask_channels=32, trainable_layers=5, train_norm_affine=True,
@@ -126,10 +109,11 @@ def builtin_config() -> MaskRCNNConfig:
 def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
     """A tiny model and three steps of every phase (checkpoints, COCO evaluation, plot)."""
     return config.replace(
-        num_filters=4, stage_sizes=(1, 1, 1, 1), fpn_channels=8, representation_size=16, mask_channels=8,
-        trainable_layers=5, train_norm_affine=True, anchor_sizes=(16, 24, 32, 48, 64),
-        canonical_scale=56.0, rpn_pre_nms_top_n_train=40, rpn_pre_nms_top_n_test=30,
-        rpn_post_nms_top_n_train=40, rpn_post_nms_top_n_test=30, box_batch_size_per_image=32,
+        num_filters=4, stage_sizes=(1, 1, 1, 1), fpn_channels=8, representation_size=16,
+        mask_channels=8, trainable_layers=5, train_norm_affine=True,
+        anchor_sizes=(16, 24, 32, 48, 64), canonical_scale=56.0, rpn_pre_nms_top_n_train=40,
+        rpn_pre_nms_top_n_test=30, rpn_post_nms_top_n_train=40, rpn_post_nms_top_n_test=30,
+        box_batch_size_per_image=32,
         detections_per_img=10, compute_dtype="float32", train_min_sizes=(64,), test_min_size=64,
         max_size=64, canvas=(64, 64), max_boxes=4, batch_size=2, eval_batch_size=8,
         num_train_steps=3, warmup_steps=1, lr_step_epochs=(), log_every_steps=1,
@@ -140,7 +124,7 @@ def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
 @dataclasses.dataclass
 class Data:
     name: str
-    train: Any  # maskrcnn_data.MaskSource
+    train: Any  # coco_data.CocoDetectionSource with masks
     val: Any
     num_classes: int  # with the background
 
@@ -157,8 +141,8 @@ def prepare_data(config: MaskRCNNConfig, workdir: str, log: Callable = print) ->
                          f"digits_coco_{spec.num_train_images}_{spec.num_val_images}"),
             spec=spec, log=log)
         name = "digits_detection"
-    train = maskrcnn_data.MaskSource(directory, "train2017", skip_empty=True)
-    val = maskrcnn_data.MaskSource(directory, "val2017")
+    train = coco_data.CocoDetectionSource(directory, "train2017", skip_empty=True, masks=True)
+    val = coco_data.CocoDetectionSource(directory, "val2017", masks=True)
     # COCO: torchvision's 91 outputs are indexed by category id; elsewhere labels 1..C.
     num_classes = 91 if config.data_dir else train.num_classes
     if config.data_dir:
@@ -182,10 +166,8 @@ def _transform_args(config: MaskRCNNConfig, train: bool) -> dict[str, Any]:
 
 
 def learning_rate_schedule(config: MaskRCNNConfig, total_steps: int):
-    """torchvision's detection reference: linear warm-up (``warmup_factor`` -> 1 over
-    ``warmup_steps``) times MultiStepLR (x0.1 at ``lr_step_epochs``, as fractions of the
-    phase's epochs when ``num_train_steps`` shortens it)."""
-
+    """torchvision's detection reference: linear warm-up (``warmup_factor`` -> 1) times x0.1 at
+    ``lr_step_epochs`` (at the same fractions of the phase under ``num_train_steps``)."""
     steps_per_epoch = total_steps / config.num_epochs
     boundaries = {int(round(e * steps_per_epoch)): 0.1 for e in config.lr_step_epochs
                   if e < config.num_epochs}
@@ -215,20 +197,12 @@ def create_optimizer(config: MaskRCNNConfig, total_steps: int, params, model_con
 
 
 def normalize(images, image_hw, dtype):
-    """uint8 canvases -> ImageNet-normalised, zero in the padding (torchvision normalises, then
-    pads with 0)."""
-
+    """uint8 canvases -> ImageNet-normalised, zero in the padding (as torchvision)."""
     x = input_pipeline.normalize_images(images, coco_data.IMAGENET_MEAN, coco_data.IMAGENET_STD,
                                         jnp.float32)
     rows = jnp.arange(images.shape[1])[None, :, None] < image_hw[:, 0, None, None]
     cols = jnp.arange(images.shape[2])[None, None, :] < image_hw[:, 1, None, None]
     return (x * (rows & cols)[..., None]).astype(dtype)
-
-
-def _compiler_options(config: MaskRCNNConfig, mesh) -> dict[str, Any]:
-    if config.fast_compile and mesh.devices.flat[0].platform == "cpu":
-        return {"compiler_options": {"xla_backend_optimization_level": 0}}
-    return {}
 
 
 def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
@@ -273,26 +247,18 @@ def make_inference_fns(graphdef, **jit_options):
     return boxes_fn, masks_fn
 
 
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """Binary ``(D, H, W)`` masks as COCO compressed RLEs (``counts`` a string)."""
-    from pycocotools import mask as mask_util
-
-    rles = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
 def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_config):
     """COCO result records (boxes and RLE masks on the original images) for the val split."""
-
     boxes_fn, masks_fn = fns
     records = []
     num_dets = model_config.detections_per_img
-    for batch in maskrcnn_data.eval_batches(data.val, batch_size=config.eval_batch_size,
-                                            max_images=config.max_eval_images,
-                                            num_workers=config.num_workers,
-                                            **_transform_args(config, train=False)):
+    transform = functools.partial(coco_data.maskrcnn_transform, rng=None,
+                                  **_transform_args(config, train=False))
+    for batch, count in coco_data.eval_batches(data.val, transform,
+                                               batch_size=config.eval_batch_size,
+                                               max_images=config.max_eval_images,
+                                               num_workers=config.num_workers):
+        batch["image_hw"][count:] = batch["image_hw"][0]  # the padding: any valid size
         features, scores, boxes, valid = boxes_fn(params, batch_stats, batch["image"],
                                                   batch["image_hw"])
         scores, boxes, valid = jax.device_get((scores, boxes, valid))
@@ -305,50 +271,18 @@ def predict(fns, params, batch_stats, data: Data, config: MaskRCNNConfig, model_
             det_boxes[i, :len(b)], det_labels[i, :len(b)] = b, lab
             found.append((b, s, lab))
         probs = np.asarray(masks_fn(params, batch_stats, features, det_boxes, det_labels))
-        for i in range(n):
-            if not batch["valid"][i]:
-                continue
+        for i in range(count):
             b, s, lab = found[i]
             height, width = (int(v) for v in batch["size"][i])
             resized_h, resized_w = (int(v) for v in batch["image_hw"][i])
             scale = np.asarray([width / resized_w, height / resized_h] * 2, np.float32)
             b = b * scale
-            rles = encode_masks(rcnn_ops.paste_masks(probs[i, :len(b)], b, (height, width)) > 0.5)
+            pasted = rcnn_ops.paste_masks(probs[i, :len(b)], b, (height, width)) > 0.5
+            rles = [digits_detection.encode_mask(mask) for mask in pasted]
             category_ids = [data.val.category_ids[int(label) - 1] for label in lab]
             records += coco_eval.detection_records([int(batch["image_id"][i])] * len(b),
                                                    category_ids, box_ops.xyxy_to_xywh(b), s, rles)
     return records
-
-
-def evaluate(fns, params, batch_stats, data: Data, config: MaskRCNNConfig,
-             model_config) -> dict[str, Any]:
-    """bbox and segm COCO summaries (``{"bbox": AP, "segm": AP, "bbox_summary": {...}, ...}``)."""
-    records = predict(fns, params, batch_stats, data, config, model_config)
-    image_ids = [r["image_id"] for r in data.val.records]
-    if config.max_eval_images > 0:
-        image_ids = image_ids[:config.max_eval_images]
-    result: dict[str, Any] = {"detections": len(records), "images": len(image_ids)}
-    for iou_type in METRIC_NAMES:
-        summary = coco_eval.evaluate(data.val.annotation_file, records, iou_type,
-                                     image_ids=image_ids)
-        result[iou_type] = summary["AP"]
-        result[f"{iou_type}_summary"] = dict(summary)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-
-def load_dense_weights(source: str, model) -> str:
-    """Dense weights into ``model``: torchvision ``.safetensors`` or a finished run."""
-
-    if source.endswith(".safetensors"):
-        maskrcnn.import_torchvision_state_dict(model, weights.load_safetensors(source))
-        return f"torchvision weights {source}"
-    params, batch_stats, where = checkpointing.load_dense_weights(source, model)
-    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    nnx.replace_by_pure_dict(state, weights._deep_merge(params, batch_stats))
-    nnx.update(model, state)
-    return f"orbax checkpoint {where}"
 
 
 class MaskRCNNTask(workflow.Task):
@@ -382,16 +316,17 @@ class MaskRCNNTask(workflow.Task):
         self.model_config = config.model_config(data.num_classes)
         self.model = maskrcnn.create_model(self.model_config, config.seed)
         self.graphdef, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
-        self.jit_options = _compiler_options(config, mesh)
+        fast = config.fast_compile and mesh.devices.flat[0].platform == "cpu"
+        self.jit_options = ({"compiler_options": {"xla_backend_optimization_level": 0}} if fast
+                            else {})
         self.fns = make_inference_fns(self.graphdef, **self.jit_options)
         self.steps = workflow.phase_steps(config, len(data.train))
         self.schedule = learning_rate_schedule(config, self.steps)
         num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-        evaluated = len(data.val) if config.max_eval_images <= 0 else min(len(data.val),
-                                                                           config.max_eval_images)
+        self.image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
         wf.print(f"{config.model}: {num_params:,} parameters, {data.name}: {len(data.train):,} "
-                 f"train / {evaluated:,} evaluated images, {data.num_classes - 1} classes, canvas "
-                 f"{tuple(config.canvas)}")
+                 f"train / {len(self.image_ids):,} evaluated images, {data.num_classes - 1} "
+                 f"classes, canvas {tuple(config.canvas)}")
         wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
                  f"{config.batch_size}, {self.steps} steps per phase "
                  f"({self.steps * config.batch_size / len(data.train):.1f} epochs), lr "
@@ -411,17 +346,28 @@ class MaskRCNNTask(workflow.Task):
         return train_step
 
     def train_batches(self, phase: str, seed: int):
-        return maskrcnn_data.train_iterator(self.data.train, batch_size=self.config.batch_size,
-                                            seed=seed, num_workers=self.config.num_workers,
-                                            **_transform_args(self.config, train=True))
+        transform = functools.partial(coco_data.maskrcnn_transform,
+                                      **_transform_args(self.config, train=True))
+        return coco_data.train_iterator(self.data.train, transform,
+                                        batch_size=self.config.batch_size, seed=seed,
+                                        num_workers=self.config.num_workers)
 
     def train_record(self, fetched: list[dict], step: int) -> dict[str, Any]:
         return {"metric": None, "lr": float(self.schedule(step - 1)),
                 **{key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}}
 
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
-        return evaluate(self.fns, state["params"], state["batch_stats"], self.data, self.config,
-                        self.model_config)
+        """bbox and segm APs and COCO summaries (``"bbox"``, ``"bbox_summary"``, ...)."""
+        data, config = self.data, self.config
+        records = predict(self.fns, state["params"], state["batch_stats"], data, config,
+                          self.model_config)
+        result: dict[str, Any] = {"detections": len(records), "images": len(self.image_ids)}
+        for iou_type in coco_eval.IOU_TYPES:
+            summary = coco_eval.evaluate(data.val.annotation_file, records, iou_type,
+                                         image_ids=self.image_ids)
+            result[iou_type] = summary["AP"]
+            result[f"{iou_type}_summary"] = dict(summary)
+        return result
 
     def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
         return {"split": "eval", "loss": None, "metric": result["bbox"], "segm": result["segm"]}
@@ -430,14 +376,24 @@ class MaskRCNNTask(workflow.Task):
         return f"bbox AP {100 * result['bbox']:.2f}, mask AP {100 * result['segm']:.2f}"
 
     def load_dense(self, source: str, state: dict[str, Any]):
-        where = load_dense_weights(source, self.model)
+        """Dense weights: torchvision ``.safetensors`` or a finished run."""
+        if source.endswith(".safetensors"):
+            maskrcnn.import_torchvision_state_dict(self.model, weights.load_safetensors(source))
+            where = f"torchvision weights {source}"
+        else:
+            params, batch_stats, run = checkpointing.load_dense_weights(source, self.model)
+            loaded = nnx.state(self.model, nnx.Any(nnx.Param, nnx.BatchStat))
+            nnx.replace_by_pure_dict(loaded, weights._deep_merge(params, batch_stats))
+            nnx.update(self.model, loaded)
+            where = f"orbax checkpoint {run}"
         _, params, batch_stats = nnx.split(self.model, nnx.Param, nnx.BatchStat)
         return {"params": nnx.to_pure_dict(params),
                 "batch_stats": nnx.to_pure_dict(batch_stats)}, where
 
     def extra_results(self, evals):
         return {"mask_ap": {k: None if v is None else v["segm"] for k, v in evals.items()},
-                "coco_summaries": {phase: {k: v for k, v in result.items() if k.endswith("_summary")}
+                "coco_summaries": {phase: {k: v for k, v in result.items()
+                                           if k.endswith("_summary")}
                                    for phase, result in evals.items() if result is not None},
                 "batch_size": self.config.batch_size, "eval_images": evals["sparse"]["images"]}
 

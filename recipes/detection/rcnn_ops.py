@@ -1,26 +1,7 @@
-"""Mask R-CNN building blocks with torchvision's semantics and static shapes (they ``jit``).
-
-Everything here follows torchvision's ``maskrcnn_resnet50_fpn`` (v1) so that its weights and its
-training recipe carry over; each function says where it departs from it (only where a static
-shape requires it). Boxes are corner boxes ``(x1, y1, x2, y2)`` in image pixels, images and
-feature maps are NHWC.
-
-* `cell_anchors`, `grid_anchors`, `generate_anchors`: torchvision's ``AnchorGenerator``
-  (anchors centred on ``stride * (i, j)``, rounded half-sizes, ratio-major order, location-major
-  over the grid).
-* `encode_boxes`, `decode_boxes`: ``BoxCoder`` with weights and the clamp of ``dw``/``dh`` at
-  ``log(1000 / 16)``.
-* `roi_align`, `multiscale_roi_align`: ``torchvision.ops.roi_align`` (bilinear, ``aligned``,
-  a fixed ``sampling_ratio``, samples beyond one pixel outside the map count as 0) and
-  ``MultiScaleRoIAlign`` (level ``floor(4 + log2(sqrt(area) / 224))`` clamped to the levels
-  present). All levels are gathered from one flattened array, so there is no per-level loop.
-* `nms_keep`, `top_k_kept`: greedy NMS with a fixed number of candidates (padding flagged by a
-  validity mask).
-* `match_boxes`: ``Matcher`` (thresholds, low-quality matches) with padded ground truth.
-* `sample_balanced`: ``BalancedPositiveNegativeSampler`` with a fixed number of slots,
-  positives first.
-* `mask_targets`: ground-truth masks RoI-aligned onto proposals (``project_masks_on_boxes``).
-* `paste_masks`: ``paste_masks_in_image`` (NumPy, on the host: one image at a time).
+"""Mask R-CNN building blocks with torchvision's semantics (``maskrcnn_resnet50_fpn`` v1) and
+static shapes, so that they ``jit``: anchors, the box coder, RoIAlign, fixed-size NMS, matching,
+balanced sampling, mask targets and paste-back. Each function says where it departs from
+torchvision (only where a static shape requires it). Corner boxes in image pixels, NHWC maps.
 """
 
 from __future__ import annotations
@@ -38,18 +19,9 @@ from recipes.detection import boxes as box_ops
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
-# ---------------------------------------------------------------------------------------------
-# Anchors
-# ---------------------------------------------------------------------------------------------
-
-
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
-    """The anchors of one feature-map cell centred on (0, 0): ``(len(ratios) * len(sizes), 4)``.
-
-    As torchvision: ``h_ratio = sqrt(ratio)``, ``w_ratio = 1 / h_ratio``, width ``w_ratio *
-    size``, height ``h_ratio * size``, corners ``round(+-(w, h) / 2)`` (half to even), the ratio
-    varying slowest; computed in float32 like torchvision.
-    """
+    """One cell's anchors around (0, 0), ``(len(ratios) * len(sizes), 4)``, ratio slowest:
+    torchvision's ``round(+-(size / sqrt(r), size * sqrt(r)) / 2)`` in float32."""
     scales = np.asarray(sizes, np.float32)
     ratios = np.asarray(aspect_ratios, np.float32)
     if scales.ndim != 1 or ratios.ndim != 1 or not scales.size or not ratios.size:
@@ -62,10 +34,10 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.n
     return np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2.0)).astype(np.float32)
 
 
-def grid_anchors(base: np.ndarray, grid_hw: tuple[int, int], stride_hw: tuple[int, int]) -> np.ndarray:
-    """``base`` anchors shifted to every cell of a ``grid_hw`` map: ``(H * W * A, 4)``, cell-major
-    (row by row), the ``A`` anchors of a cell contiguous, as torchvision and the RPN head's
-    ``(N, H, W, A)`` outputs."""
+def grid_anchors(base: np.ndarray, grid_hw: tuple[int, int],
+                 stride_hw: tuple[int, int]) -> np.ndarray:
+    """``base`` anchors on every cell of a ``grid_hw`` map: ``(H * W * A, 4)``, cell-major (the
+    RPN head's ``(N, H, W, A)`` order)."""
     shift_x = np.arange(grid_hw[1], dtype=np.float32) * stride_hw[1]
     shift_y = np.arange(grid_hw[0], dtype=np.float32) * stride_hw[0]
     yy, xx = np.meshgrid(shift_y, shift_x, indexing="ij")
@@ -76,11 +48,8 @@ def grid_anchors(base: np.ndarray, grid_hw: tuple[int, int], stride_hw: tuple[in
 def generate_anchors(image_hw: tuple[int, int], feature_hws: Sequence[tuple[int, int]],
                      sizes: Sequence[Sequence[float]],
                      aspect_ratios: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    """All anchors of an (padded) image of ``image_hw`` with feature maps of ``feature_hws``.
-
-    Level ``l`` uses ``sizes[l]`` and ``aspect_ratios[l]``; its stride is ``image // feature``
-    (integer division, as torchvision). Returns ``(anchors (T, 4), level (T,))``.
-    """
+    """``(anchors (T, 4), level (T,))`` of a padded ``image_hw`` with maps ``feature_hws``; level
+    ``l`` has ``sizes[l]``, ``aspect_ratios[l]`` and stride ``image // feature`` (torchvision)."""
     if not (len(feature_hws) == len(sizes) == len(aspect_ratios)):
         raise ValueError(f"{len(feature_hws)} feature maps but {len(sizes)} anchor sizes and "
                          f"{len(aspect_ratios)} aspect-ratio sets: one of each per level")
@@ -93,14 +62,8 @@ def generate_anchors(image_hw: tuple[int, int], feature_hws: Sequence[tuple[int,
     return np.concatenate(anchors), np.concatenate(levels)
 
 
-# ---------------------------------------------------------------------------------------------
-# Box coder
-# ---------------------------------------------------------------------------------------------
-
-
 def encode_boxes(targets, references, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)):
-    """Regression targets of ``targets`` relative to ``references`` (both ``(..., 4)``):
-    ``(wx dx / w, wy dy / h, ww log(w' / w), wh log(h' / h))`` on centres and sizes."""
+    """torchvision's ``BoxCoder``: ``(wx dx / w, wy dy / h, ww log(w' / w), wh log(h' / h))``."""
     wx, wy, ww, wh = weights
     ref_w = references[..., 2] - references[..., 0]
     ref_h = references[..., 3] - references[..., 1]
@@ -132,8 +95,7 @@ def decode_boxes(deltas, references, weights: Sequence[float] = (1.0, 1.0, 1.0, 
 
 
 def clip_boxes(boxes, image_hw):
-    """Boxes clamped to ``[0, width] x [0, height]``; ``image_hw`` is ``(2,)`` or broadcastable
-    ``(..., 2)`` (per image)."""
+    """Boxes clamped to ``[0, width] x [0, height]`` of ``image_hw`` (``(..., 2)``, broadcast)."""
     image_hw = jnp.asarray(image_hw, jnp.float32)
     h, w = image_hw[..., 0:1], image_hw[..., 1:2]
     x = jnp.clip(boxes[..., 0::2], 0.0, w)
@@ -141,15 +103,9 @@ def clip_boxes(boxes, image_hw):
     return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# RoIAlign
-# ---------------------------------------------------------------------------------------------
-
-
 def _bilinear_axis(coords, size, valid_extent):
-    """Per sample coordinate along one axis: the two neighbouring indices and their weights, as
-    torchvision's ``bilinear_interpolate`` (a coordinate below -1 or beyond ``size`` weighs 0;
-    one in [-1, 0] reads index 0; beyond ``size - 1`` reads the last index)."""
+    """The two neighbours and weights of each coordinate, as torchvision's
+    ``bilinear_interpolate`` (below -1 or beyond ``size``: weight 0)."""
     inside = (coords >= -1.0) & (coords <= valid_extent)
     coords = jnp.maximum(coords, 0.0)
     low = jnp.floor(coords).astype(jnp.int32)
@@ -163,9 +119,8 @@ def _bilinear_axis(coords, size, valid_extent):
 
 def _roi_align_flat(flat, heights, widths, offsets, scales, rois, batch_index,
                     output_size: tuple[int, int], sampling_ratio: int, aligned: bool):
-    """RoIAlign of ``rois (R, 4)`` from ``flat (N, T, C)``, feature maps flattened row-major;
-    roi ``r`` reads the map of ``heights[r] x widths[r]`` starting at ``offsets[r]`` in image
-    ``batch_index[r]``, with ``scales[r]`` from image to map coordinates."""
+    """RoIAlign from row-major flattened maps ``flat (N, T, C)``: roi ``r`` reads the
+    ``heights[r] x widths[r]`` map at ``offsets[r]`` of image ``batch_index[r]``."""
     if sampling_ratio <= 0:
         raise ValueError(f"sampling_ratio must be positive (a fixed grid, for static shapes), got "
                          f"{sampling_ratio}; torchvision's adaptive ratio (<= 0) is not supported")
@@ -204,13 +159,8 @@ def _roi_align_flat(flat, heights, widths, offsets, scales, rois, batch_index,
 
 def roi_align(features, rois, batch_index, output_size: tuple[int, int], spatial_scale: float,
               sampling_ratio: int = 2, aligned: bool = False):
-    """``torchvision.ops.roi_align`` on NHWC ``features (N, H, W, C)``: ``(R, ph, pw, C)``.
-
-    ``rois (R, 4)`` in image coordinates, ``batch_index (R,)`` the image of each roi. Each output
-    bin averages ``sampling_ratio**2`` bilinear samples; ``aligned`` shifts by half a pixel (and
-    drops the legacy minimum roi size of 1). Raises for ``sampling_ratio <= 0`` (torchvision's
-    adaptive grid has data-dependent shapes).
-    """
+    """``torchvision.ops.roi_align`` on NHWC ``features``: ``(R, ph, pw, C)`` for ``rois (R,
+    4)`` of images ``batch_index (R,)``, with a fixed ``sampling_ratio`` (static shapes)."""
     n, h, w, c = features.shape
     r = rois.shape[0]
     if rois.ndim != 2 or rois.shape[-1] != 4:
@@ -224,9 +174,7 @@ def roi_align(features, rois, batch_index, output_size: tuple[int, int], spatial
 
 def roi_levels(rois, num_levels: int, min_level: int = 2, canonical_scale: float = 224.0,
                canonical_level: int = 4):
-    """torchvision's ``LevelMapper``: the pyramid level (0-based from ``min_level``) of each roi,
-    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to the
-    ``num_levels`` levels present."""
+    """torchvision's ``LevelMapper``: each roi's pyramid level, 0-based from ``min_level``."""
     area = box_ops.box_area(rois.astype(jnp.float32))
     level = jnp.floor(canonical_level + jnp.log2(jnp.sqrt(area) / canonical_scale) + 1e-6)
     level = jnp.clip(level, min_level, min_level + num_levels - 1)
@@ -237,14 +185,8 @@ def multiscale_roi_align(features: Sequence, rois, batch_index, output_size: tup
                          sampling_ratio: int = 2, min_level: int = 2,
                          canonical_scale: float = 224.0, canonical_level: int = 4,
                          aligned: bool = False):
-    """torchvision's ``MultiScaleRoIAlign`` over pyramid maps ``features`` (finest first, map
-    ``l`` at stride ``2**(min_level + l)``): each roi is pooled from its `roi_levels` map.
-
-    torchvision's pooler calls ``roi_align`` with ``aligned=False`` (the default here too). The
-    maps are flattened into one array so every roi is read by the same gather, whatever its
-    level (the scale ``2**-(min_level + l)`` is torchvision's inferred one for maps whose sizes
-    are the padded image's divided by the stride).
-    """
+    """torchvision's ``MultiScaleRoIAlign`` over ``features`` (finest first, map ``l`` at stride
+    ``2**(min_level + l)``); one gather over all maps flattened, whatever each roi's level."""
     n, c = features[0].shape[0], features[0].shape[-1]
     sizes = [f.shape[1:3] for f in features]
     flat = jnp.concatenate([f.reshape(n, -1, c) for f in features], axis=1)
@@ -257,19 +199,9 @@ def multiscale_roi_align(features: Sequence, rois, batch_index, output_size: tup
                            tuple(output_size), sampling_ratio, aligned)
 
 
-# ---------------------------------------------------------------------------------------------
-# NMS, matching, sampling
-# ---------------------------------------------------------------------------------------------
-
-
 def nms_keep(boxes, scores, valid, iou_threshold: float):
-    """Greedy NMS over a fixed number of candidates: a ``(K,)`` bool mask of the kept ones.
-
-    Highest score first (ties: lower index first); a kept box removes every later candidate
-    whose IoU with it exceeds ``iou_threshold`` (strictly, as torchvision). Invalid candidates
-    (``valid`` False: padding) are neither kept nor suppress anything. ``K`` sequential steps
-    of ``O(K)`` work each; ``vmap`` runs several independent sets at once.
-    """
+    """`boxes.nms` over ``K`` fixed candidates, as a ``(K,)`` kept mask; invalid ones (padding)
+    are neither kept nor suppress."""
     k = boxes.shape[0]
     order = jnp.argsort(jnp.where(valid, -scores, jnp.inf), stable=True)
     sorted_boxes, sorted_valid = boxes[order], valid[order]
@@ -285,8 +217,7 @@ def nms_keep(boxes, scores, valid, iou_threshold: float):
 
 
 def top_k_kept(scores, keep, k: int):
-    """Indices of the ``k`` best-scoring kept candidates, best first, and their validity (False
-    where fewer than ``k`` were kept: those slots repeat some index and must be ignored)."""
+    """Indices of the ``k`` best kept candidates and their validity (fewer kept: False)."""
     masked = jnp.where(keep, scores, -jnp.inf)
     if k > scores.shape[0]:
         raise ValueError(f"cannot take {k} of {scores.shape[0]} candidates")
@@ -300,13 +231,8 @@ BETWEEN_THRESHOLDS = -2
 
 def match_boxes(iou, gt_valid, high_threshold: float, low_threshold: float,
                 allow_low_quality_matches: bool):
-    """torchvision's ``Matcher`` for one image: ``iou (G, P)`` of ground truth and predictions.
-
-    Returns ``(P,)``: the matched ground-truth index, -1 below ``low_threshold``, -2 between the
-    thresholds. With ``allow_low_quality_matches``, every prediction that has some ground
-    truth's highest IoU keeps its argmax match even below the thresholds. Padded ground truth
-    (``gt_valid`` False) is never matched; without any, every prediction is -1.
-    """
+    """torchvision's ``Matcher`` on ``iou (G, P)``: per prediction its ground truth, -1 below
+    ``low_threshold``, -2 between the thresholds; padded ground truth is never matched."""
     iou = jnp.where(gt_valid[:, None], iou, -1.0)
     best = jnp.max(iou, axis=0)
     matches = jnp.argmax(iou, axis=0).astype(jnp.int32)
@@ -319,15 +245,22 @@ def match_boxes(iou, gt_valid, high_threshold: float, low_threshold: float,
     return result
 
 
-def sample_balanced(key, labels, batch_size: int, positive_fraction: float):
-    """torchvision's ``BalancedPositiveNegativeSampler`` for one image, with fixed-size output.
+def sample_matches(key, iou, gt_valid, high_threshold: float, low_threshold: float,
+                   allow_low_quality_matches: bool, batch_size: int, positive_fraction: float,
+                   candidate_valid=True):
+    """`match_boxes`, then `sample_balanced` of the matched (positives) and those below
+    ``low_threshold`` (negatives) among ``candidate_valid``: ``(matches, index, valid,
+    positive)``."""
+    matches = match_boxes(iou, gt_valid, high_threshold, low_threshold, allow_low_quality_matches)
+    labels = jnp.where(matches >= 0, 1, jnp.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
+    labels = jnp.where(candidate_valid, labels, -1)
+    return (matches, *sample_balanced(key, labels, batch_size, positive_fraction))
 
-    ``labels (P,)``: 1 positive, 0 negative, -1 ignored. Takes ``min(int(batch_size *
-    positive_fraction), #positives)`` random positives and fills the rest of ``batch_size`` with
-    random negatives (as many as there are). Returns ``(index, valid, positive)``, each
-    ``(batch_size,)``: the first ``int(batch_size * positive_fraction)`` slots hold the
-    positives (the ones beyond their number hold extra negatives), the rest negatives.
-    """
+
+def sample_balanced(key, labels, batch_size: int, positive_fraction: float):
+    """torchvision's ``BalancedPositiveNegativeSampler`` on ``labels (P,)`` (1, 0, -1 ignored),
+    fixed size: ``(index, valid, positive)``, the positives in the first
+    ``int(batch_size * positive_fraction)`` slots, negatives in the rest."""
     p = labels.shape[0]
     max_pos = int(batch_size * positive_fraction)
     if batch_size > p:
@@ -348,28 +281,16 @@ def sample_balanced(key, labels, batch_size: int, positive_fraction: float):
     return index, valid, is_pos
 
 
-# ---------------------------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------------------------
-
-
 def mask_targets(gt_masks, rois, matched, size: int, sampling_ratio: int = 2):
-    """Ground-truth masks cropped to proposals and resized: torchvision's
-    ``project_masks_on_boxes`` for one image.
-
-    ``gt_masks (G, H, W)`` (0/1), ``rois (K, 4)``, ``matched (K,)`` the ground truth of each
-    roi. RoIAlign with ``aligned=False`` and scale 1, as torchvision; its adaptive sampling
-    grid is replaced by ``sampling_ratio**2`` samples per output pixel (static shapes).
-    Returns ``(K, size, size)`` float targets in [0, 1].
-    """
+    """torchvision's ``project_masks_on_boxes``: ``(K, size, size)`` targets of ``gt_masks (G, H,
+    W)`` on ``rois (K, 4)`` of ground truth ``matched (K,)``, with a fixed sampling grid."""
     features = gt_masks.astype(jnp.float32)[..., None]
     return roi_align(features, rois, matched, (size, size), 1.0, sampling_ratio,
                      aligned=False)[..., 0]
 
 
 def _resize_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """``(out, in)`` weights of a 1-D bilinear resize, ``align_corners=False`` (as
-    ``F.interpolate``): source ``(d + 0.5) * in / out - 0.5``, clamped at 0."""
+    """``(out, in)`` weights of ``F.interpolate``'s 1-D bilinear resize (align_corners False)."""
     src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
     low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     high = np.minimum(low + 1, in_size - 1)
@@ -381,14 +302,8 @@ def _resize_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """torchvision's ``paste_masks_in_image``: ``masks (D, M, M)`` probabilities of the boxes
-    ``(D, 4)`` -> ``(D, H, W)`` probabilities on the image.
-
-    Each mask gets a 1-pixel zero border and its box grows by ``(M + 2) / M`` around its centre
-    (``expand_masks``, ``expand_boxes``); the box is truncated to integers and the mask resized
-    bilinearly to ``x2 - x1 + 1`` by ``y2 - y1 + 1`` pixels and placed at ``(x1, y1)``, clipped
-    to the image. Threshold the result (0.5) for binary masks.
-    """
+    """torchvision's ``paste_masks_in_image``: ``masks (D, M, M)`` of ``boxes (D, 4)`` ->
+    ``(D, H, W)`` probabilities on the image (a 1-pixel border, boxes grown by ``(M + 2) / M``)."""
     masks = np.asarray(masks, np.float32)
     boxes = np.asarray(boxes, np.float32)
     if masks.ndim != 3 or masks.shape[1] != masks.shape[2] or len(masks) != len(boxes):

@@ -1,10 +1,6 @@
-"""Object detection with SSD300 (ResNet-50 backbone; COCO 2017 or the built-in digits) as a task.
-
-NVIDIA's SSD300 v1.1 recipe: SGD momentum with weight decay on the weights only, linear warm-up
-and step decays at epochs 43 and 54 of 65; matching at IoU 0.5 and hard negative mining 3:1 on
-the device; SSD's augmentation. Pruned: every convolution whose input channels are a multiple
-of 4, 2:4 along them (the 3-channel stem stays dense). The headline is pycocotools' bbox AP
-@[.5:.95] (``bbAP``), evaluated ``evals_per_phase`` times a phase; every run also writes
+"""SSD300 (ResNet-50 backbone; COCO 2017 or the built-in digits) as a task: NVIDIA's SSD300 v1.1
+recipe, every convolution with a multiple of 4 input channels pruned 2:4 along them, scored by
+pycocotools' bbox AP@[.5:.95] (``bbAP``) ``evals_per_phase`` times a phase; also writes
 ``coco_summary.txt`` and ``detections_<phase>.json``.
 """
 
@@ -24,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recipes.detection import coco_data, coco_eval, digits_detection, ssd, ssd_boxes
+from recipes.detection import boxes as box_ops, coco_data, coco_eval, digits_detection, ssd
 from recipes.engine import checkpointing, cli, workflow
 from recipes.engine.workflow import WorkflowConfig
 from recipes.vision import input_pipeline, models, weights
@@ -61,7 +57,7 @@ class SSDConfig(WorkflowConfig):
     builtin_max_digits: int = 4
     builtin_min_digit_size: int = 14
     builtin_max_digit_size: int = 40
-    builtin_dir: str | None = None  # where the digits set is written (default <workdir>/digits_coco)
+    builtin_dir: str | None = None  # where the digits set goes (default <workdir>/digits_coco)
     augment: bool = True
     expand_probability: float = 0.5
     max_expand_ratio: float = 4.0
@@ -102,20 +98,9 @@ def coco_config() -> SSDConfig:
 
 
 def builtin_config() -> SSDConfig:
-    """The default: the digits set, SSD scaled down to run all three steps on 2 CPU cores.
-
-    The backbone keeps ResNet-50's stem, bottlenecks and stride pattern (layer3 at stride 1) at
-    1/8 width, with one bottleneck per stage (on a CPU each step's time grows with depth, not
-    width); three extra layers (two stride-2, one 3x3 valid) give 12, 6, 3 and 1 cells at 96x96;
-    default boxes of 20..80 pixels with aspect ratio 2 (4 per cell, 760 boxes), sized so that a
-    digit (16..37 pixels tall) overlaps 3.7 of them at IoU > 0.5 on average. Trained from
-    scratch (no ImageNet backbone: nothing is downloaded): SGD with NVIDIA's warm-up and two
-    step decays, 13 epochs of batch 64 at lr 0.1. The augmentation is SSD's photometric
-    distortion and random IoU crop (on 30% of the images), without expansion (it shrinks small
-    digits to a few pixels) or flips (a mirrored digit is another glyph): with the full set,
-    the model learns several times slower than the budget allows. The dense control is off
-    (``--control`` adds it).
-    """
+    """The default: the digits set with SSD at 1/8 width, one bottleneck a stage, from scratch
+    on 2 CPU cores (recipes/README.md). No expansion (it shrinks small digits to a few pixels),
+    no flips (a mirrored digit is another glyph); the dense control is off."""
     return SSDConfig(
         width=0.125, backbone_stages=(1, 1, 1), extra_strides=(2, 2, 1),
         compute_dtype="float32", image_size=96, box_steps=None, box_scales=(20, 30, 45, 60, 80),
@@ -140,8 +125,6 @@ def smoke_config(config: SSDConfig) -> SSDConfig:
 
 
 def create_model(config: SSDConfig, num_classes: int, seed: int | None = None):
-
-
     ratios = config.parsed_aspect_ratios()
 
     @nnx.jit  # one compiled initialisation instead of one per parameter shape (CPU start-up)
@@ -159,14 +142,13 @@ def box_spec(config: SSDConfig, model):
     """The default-box layout for ``model``'s feature maps at ``config.image_size``."""
     sizes = ssd.feature_sizes(model, config.image_size)
     steps = config.box_steps or tuple(config.image_size / s for s in sizes)
-    return ssd_boxes.DefaultBoxSpec(config.image_size, sizes, tuple(steps),
-                                    tuple(config.box_scales), config.parsed_aspect_ratios())
+    return ssd.DefaultBoxSpec(config.image_size, sizes, tuple(steps),
+                              tuple(config.box_scales), config.parsed_aspect_ratios())
 
 
 def learning_rate_schedule(config: SSDConfig, total_steps: int):
     """NVIDIA's: linear warm-up over ``warmup_steps``, x``lr_decay`` at each milestone epoch
-    (placed at the same fraction of the phase when ``num_train_steps`` overrides the epochs)."""
-
+    (at the same fraction of the phase when ``num_train_steps`` overrides the epochs)."""
     boundaries = {int(round(total_steps * m / config.num_epochs)): config.lr_decay
                   for m in config.lr_milestones if m < config.num_epochs}
     steps = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
@@ -180,7 +162,6 @@ def learning_rate_schedule(config: SSDConfig, total_steps: int):
 
 def create_optimizer(config: SSDConfig, total_steps: int):
     """SGD momentum with weight decay on the weights (ndim > 1) only, NVIDIA's "tencent trick"."""
-
     decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim > 1)
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
@@ -193,25 +174,21 @@ def _normalize(images, dtype):
 
 
 def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable:
-    """A jitted ``(state, batch) -> (state, metrics)``, data parallel over ``mesh``.
-
-    ``batch``: uint8 images, ``boxes`` (B, max_boxes, 4) relative corners and ``labels``
-    (B, max_boxes) (0: padding). Matching and encoding run on the device.
-    """
-
+    """A jitted ``(state, batch) -> (state, metrics)``, data parallel over ``mesh``; matching
+    and encoding of the relative corner ``boxes`` and ``labels`` (0: padding) on the device."""
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
 
     def train_step(state, batch):
         images = _normalize(batch["image"], dtype)
-        target_offsets, target_labels = ssd_boxes.encode_targets(
+        target_offsets, target_labels = ssd.encode_targets(
             batch["boxes"], batch["labels"], defaults, config.match_threshold)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["batch_stats"])
             offsets, logits = model(images, train=True)
-            losses = ssd_boxes.ssd_loss(offsets, logits, target_offsets, target_labels,
-                                        config.negative_ratio)
+            losses = ssd.ssd_loss(offsets, logits, target_offsets, target_labels,
+                                  config.negative_ratio)
             batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
             return losses["loss"], (losses, logits, batch_stats)
 
@@ -233,13 +210,12 @@ def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable
 
 def make_predict_step(graphdef, mesh, defaults, config: SSDConfig) -> Callable:
     """A jitted ``(params, batch_stats, images) -> (boxes (B, D, 4) relative corners, scores)``."""
-
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
 
     def predict(params, batch_stats, images):
         offsets, logits = nnx.merge(graphdef, params, batch_stats)(_normalize(images, dtype))
-        return ssd_boxes.decode_batch(offsets, logits, defaults)
+        return ssd.decode_batch(offsets, logits, defaults)
 
     replicated, data = workflow.shardings(mesh)
     return jax.jit(predict, in_shardings=(replicated, replicated, data),
@@ -277,52 +253,36 @@ def prepare_data(config: SSDConfig, workdir: str, log: Callable = print) -> Data
 def detect(predict, params, batch_stats, data: Data, config: SSDConfig, mesh
            ) -> list[dict[str, Any]]:
     """COCO result records of the validation images: decode, per-class NMS, top detections."""
-
     records = []
-    for batch in coco_data.eval_batches(data.val, image_size=config.image_size,
-                                        batch_size=config.eval_batch_size,
-                                        max_images=config.max_eval_images,
-                                        num_workers=min(config.num_workers, 4)):
+    transform = functools.partial(coco_data.ssd_eval_transform, image_size=config.image_size)
+    for batch, count in coco_data.eval_batches(data.val, transform,
+                                               batch_size=config.eval_batch_size,
+                                               max_images=config.max_eval_images,
+                                               num_workers=min(config.num_workers, 4)):
         images = workflow.shard_batch({"image": batch["image"]}, mesh)["image"]
         boxes, scores = jax.device_get(predict(params, batch_stats, images))
-        for row in np.flatnonzero(batch["mask"]):
-            kept_boxes, kept_scores, labels = ssd_boxes.postprocess(
+        for row in range(count):
+            kept_boxes, kept_scores, labels = ssd.postprocess(
                 boxes[row], scores[row], score_threshold=config.score_threshold,
                 iou_threshold=config.nms_threshold, max_per_class=config.max_detections,
                 max_detections=config.max_detections)
             height, width = batch["size"][row]
             corners = np.clip(kept_boxes, 0.0, 1.0) * np.asarray([width, height, width, height])
-            xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)
-            for box, score, label in zip(xywh, kept_scores, labels):
-                records.append({"image_id": int(batch["image_id"][row]),
-                                "category_id": data.val.category_ids[label - 1],
-                                "bbox": [round(float(v), 2) for v in box],
-                                "score": round(float(score), 5)})
+            records += coco_eval.detection_records(
+                [batch["image_id"][row]] * len(labels),
+                [data.val.category_ids[label - 1] for label in labels],
+                [[round(float(v), 2) for v in box] for box in box_ops.xyxy_to_xywh(corners)],
+                [round(float(score), 5) for score in kept_scores])
     return records
-
-
-def evaluated_image_ids(data: Data, config: SSDConfig) -> list[int]:
-    records = data.val.records
-    if config.max_eval_images > 0:
-        records = records[:config.max_eval_images]
-    return [r["image_id"] for r in records]
 
 
 def _format_summary(summary: dict[str, float]) -> str:
     return str(coco_eval.CocoSummary(list(summary.values()), "bbox"))
 
 
-def _load_dense(source: str, model) -> tuple[dict, dict, str]:
-    if source.endswith(".safetensors"):
-        raise ValueError(f"--init-from {source!r}: a .safetensors file holds backbone weights; "
-                         "pass it as --backbone-weights (init_from is a finished run's directory)")
-    return checkpointing.load_dense_weights(source, model)
-
-
 def export_onnx(config: SSDConfig, num_classes: int, params, batch_stats, path: str) -> None:
-    """Writes the network (eval mode, float32, normalised NHWC input) to ONNX: outputs the box
-    offsets and class logits; decoding and NMS stay outside the graph."""
-
+    """The network (eval mode, float32, normalised NHWC input; box offsets and class logits out,
+    decoding and NMS outside) as ONNX."""
     import sparse_jax.export  # needs the export extra (jax2onnx)
 
     graphdef, _, _ = nnx.split(create_model(config.replace(compute_dtype="float32"), num_classes),
@@ -344,8 +304,8 @@ class SSDTask(workflow.Task):
     control_help = "off by default"
     options = (
         cli.COCO_DATA_DIR,
-        ("--backbone-weights", "backbone_weights", None, "torchvision ResNet-50 ImageNet weights as "
-         ".safetensors (torchvision key names) for the backbone (NVIDIA's start)"),
+        ("--backbone-weights", "backbone_weights", None, "torchvision ResNet-50 ImageNet weights "
+         "as .safetensors (torchvision key names) for the backbone (NVIDIA's start)"),
         ("--init-from", "init_from", None, "a finished run directory (or its checkpoints/dense/"
          "<step>) whose dense SSD replaces dense training"),
         cli.batch_size_option("256 = 8 x 32"), cli.epochs_option("65"), cli.STEPS,
@@ -369,9 +329,10 @@ class SSDTask(workflow.Task):
                                       "with all its GPUs (--devices N), without --distributed")
         data = self.data = prepare_data(config, self.workdir, log=wf.print)
         self.dataset_name = data.name
+        self.image_ids = coco_data.evaluated_image_ids(data.val, config.max_eval_images)
         self.model = model = create_model(config, data.train.num_classes)
         self.spec = spec = box_spec(config, model)
-        self.defaults = ssd_boxes.default_boxes(spec)
+        self.defaults = ssd.default_boxes(spec)
         if config.backbone_weights:
             loaded = ssd.import_torchvision_backbone(model, weights.load_safetensors(
                 config.backbone_weights))
@@ -384,7 +345,8 @@ class SSDTask(workflow.Task):
         self.schedule = learning_rate_schedule(config, self.steps)
         num_params = sum(int(x.size) for x in jax.tree.leaves(params))
         wf.print(f"{config.model}: {num_params:,} parameters, {data.name}: {len(data.train):,} "
-                 f"train / {len(data.val):,} val images at {config.image_size}x{config.image_size}, "
+                 f"train / {len(data.val):,} val images at "
+                 f"{config.image_size}x{config.image_size}, "
                  f"{data.train.num_classes - 1} classes; feature maps {spec.feature_sizes}, "
                  f"{spec.num_boxes} default boxes")
         wf.print(f"{mesh.size} {mesh.devices.flat[0].platform} device(s), global batch "
@@ -409,9 +371,10 @@ class SSDTask(workflow.Task):
         if not config.augment:
             aug = coco_data.Augmentation(expand_probability=0.0, crop=False, flip_probability=0.0,
                                          brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-        return coco_data.train_iterator(self.data.train, image_size=config.image_size,
-                                        max_boxes=config.max_boxes, batch_size=config.batch_size,
-                                        seed=seed, aug=aug, num_workers=config.num_workers)
+        transform = functools.partial(coco_data.ssd_train_transform, image_size=config.image_size,
+                                      max_boxes=config.max_boxes, aug=aug)
+        return coco_data.train_iterator(self.data.train, transform, batch_size=config.batch_size,
+                                        seed=seed, num_workers=config.num_workers)
 
     def train_record(self, fetched: list[dict], step: int) -> dict[str, Any]:
         return {**super().train_record(fetched, step),
@@ -428,27 +391,33 @@ class SSDTask(workflow.Task):
         record, final = super().eval_during(state, phase, step)
         if record is None:
             return None, None
-        return {**record, "AP50": self._last["summary"]["AP50"], "epoch": step / self.steps_per_epoch}, final
+        return {**record, "AP50": self._last["summary"]["AP50"],
+                "epoch": step / self.steps_per_epoch}, final
 
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
         """bbAP and the 12-number summary; writes the detections to detections_<phase>.json."""
         detections = detect(self.predict, state["params"], state["batch_stats"], self.data,
                             self.config, self.wf.mesh)
         summary = coco_eval.evaluate(self.data.ground_truth, detections, "bbox",
-                                     image_ids=evaluated_image_ids(self.data, self.config))
+                                     image_ids=self.image_ids)
         with open(os.path.join(self.workdir, f"detections_{phase}.json"), "w") as f:
             json.dump(detections, f)
-        self._last = {"bbAP": summary["AP"], "summary": dict(summary), "detections": len(detections)}
+        self._last = {"bbAP": summary["AP"], "summary": dict(summary),
+                      "detections": len(detections)}
         return self._last
 
     def load_dense(self, source: str, state: dict[str, Any]):
-        params, batch_stats, where = _load_dense(source, self.model)
+        if source.endswith(".safetensors"):
+            raise ValueError(f"--init-from {source!r}: a .safetensors file holds backbone "
+                             "weights; pass it as --backbone-weights (init_from is a finished "
+                             "run's directory)")
+        params, batch_stats, where = checkpointing.load_dense_weights(source, self.model)
         return {"params": params, "batch_stats": batch_stats}, where
 
     def extra_results(self, evals):
         return {"coco_summary": {k: None if v is None else v["summary"] for k, v in evals.items()},
                 "batch_size": self.config.batch_size, "default_boxes": self.spec.num_boxes,
-                "val_images": len(evaluated_image_ids(self.data, self.config))}
+                "val_images": len(self.image_ids)}
 
     def table_note(self, results):
         return (f"COCO bbAP@[.5:.95] (pycocotools) on {results['val_images']} val images, batch "
