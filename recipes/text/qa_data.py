@@ -173,28 +173,28 @@ def builtin_task(seed: int = 0, max_eval_questions: int = 500
 
 
 def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -> str:
-    """Trains a lower-cased BERT WordPiece vocabulary on ``lines``; writes ``path`` (vocab.txt)."""
+    """Trains a lower-cased BERT WordPiece vocabulary on ``lines``; writes ``path`` (vocab.txt).
+
+    The same lines give the same file in every process (tests/test_recipes_bert.py checks it).
+    """
     import os
 
     from tokenizers import BertWordPieceTokenizer
 
     tokenizer = BertWordPieceTokenizer(lowercase=True)
+    # The trainer numbers each "##c" (c after a word's first letter) when it first meets it in a
+    # randomly seeded hash map, and breaks ties between equally frequent merges by those numbers.
+    # Special tokens are numbered first, in order: listing every "##c", sorted, fixes them all.
+    words = (w for line in lines for w, _ in
+             tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(line)))
+    continuations = sorted({"##" + c for w in words for c in w[1:]})
     tokenizer.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2,
-                                  special_tokens=list(SPECIAL_TOKENS))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    written = tokenizer.save_model(directory)
-    if os.path.abspath(written[0]) != os.path.abspath(path):
-        os.replace(written[0], path)
-    # The trainer orders equally frequent tokens differently from run to run; WordPiece does not
-    # depend on the ids, so a canonical order gives equal vocabularies equal ids. (It also breaks
-    # ties between equally frequent merges irreproducibly, so two fresh runs can still differ by a
-    # few tokens; a resumed run reuses its workdir's vocab.txt.)
-    with open(path, encoding="utf-8") as f:
-        tokens = f.read().splitlines()
-    special = [t for t in tokens if t in SPECIAL_TOKENS]
+                                  special_tokens=[*SPECIAL_TOKENS, *continuations])
+    # WordPiece does not depend on the ids: a canonical order (specials, then sorted) is tidier.
+    tokens = sorted(t for t in tokenizer.get_vocab() if t not in SPECIAL_TOKENS)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(special + sorted(t for t in tokens if t not in SPECIAL_TOKENS)) + "\n")
+        f.write("\n".join([*SPECIAL_TOKENS, *tokens]) + "\n")
     return path
 
 
