@@ -17,9 +17,6 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from recipes.engine import cli  # noqa: E402  (no jax: --help stays fast
-from recipes.text import bert_configs
-
 EPILOG = """\
 Table 2 (BERT-Large, SQuAD v1.1: F1 91.9 dense / 91.9 2:4 sparse) on one host with 8 GPUs:
   python recipes/bert_large_squad.py \\

@@ -1,4 +1,4 @@
-"""Tests of the BERT question-answering recipe (recipes/bert_large_squad.py, recipes/text/qa_task.py, recipes/text/bert*).
+"""Tests of the BERT question-answering recipe (recipes/bert_large_squad.py, recipes/text/qa_task.py, recipes/text/bert.py).
 
 References are independent of the code under test: the parameter count from BERT's architecture
 written out by hand, a NumPy BERT forward pass written here from the Hugging Face layout, the
@@ -26,7 +26,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 from recipes.engine import workflow  # noqa: E402
-from recipes.text import bert, bert_configs, qa_data, qa_task, squad  # noqa: E402
+from recipes.text import bert, qa_data, qa_task, squad  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -449,7 +449,7 @@ def test_stream_batches_are_windows_that_hold_their_answer(tmp_path):
     task = qa_task.QAData("t", None, [], None, None, tokenizer, str(tmp_path / "vocab.txt"), None,
                            qa_data.ClozeStream(words, min_words=15, max_words=25))
     # 32 tokens: questions cut to 12, so a passage of up to 28 tokens needs 2-3 windows.
-    config = bert_configs.builtin_config().replace(batch_size=16, max_seq_length=32,
+    config = qa_task.builtin_config().replace(batch_size=16, max_seq_length=32,
                                                    doc_stride=8, max_query_length=12)
     batch = qa_task.stream_batch(task, config, step=5, seed=0)
     assert all(v.shape == (16, 32) for k, v in batch.items() if k.endswith("_ids"))

@@ -1,16 +1,10 @@
 """Greedy and beam search over any incremental decoder (jit-compatible, fixed shapes).
 
-A decoder is given as ``step_fn(tokens, position, state) -> (log_probs, state)``: ``tokens (N,)``
-are the tokens at ``position``, ``log_probs (N, vocab)`` the next-token log-probabilities, and
-``state`` any pytree whose leaves have the ``N`` rows first (beam search reorders them).
-
-Beam search keeps ``beam_size`` live hypotheses per sentence. Each step extends them by every
-token, takes the best ``2 * beam_size`` extensions, moves those ending in ``eos`` to the finished
-set with the score ``log P / length ** length_penalty`` (fairseq's ``--lenpen``; ``length``
-counts the generated tokens including ``eos``) and keeps the best ``beam_size`` others alive.
-At ``max_length`` every hypothesis is ended with ``eos``. The search stops early once no live
-hypothesis can still beat the finished ones (its log-probability only falls and its length
-divisor is at most ``max_length ** length_penalty``).
+A decoder is ``step_fn(tokens (N,), position, state) -> (log_probs (N, vocab), state)``, ``state``
+any pytree with the ``N`` rows first (beam search reorders them). Beam search scores a finished
+hypothesis by ``log P / length ** length_penalty`` (fairseq's ``--lenpen``; ``length`` counts the
+``eos``), ends every hypothesis with ``eos`` at ``max_length``, and stops early once no live one
+can still beat the finished ones (its log-probability only falls).
 """
 
 from __future__ import annotations
@@ -25,15 +19,10 @@ StepFn = Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]]
 NEG_INF = -1.0e9  # finite, so that arithmetic on "impossible" scores stays NaN-free
 
 
-
-
 def greedy_search(step_fn: StepFn, state: Any, batch_size: int, *, max_length: int, bos_id: int,
                   eos_id: int, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """The most likely next token at every step, until ``eos`` or ``max_length`` tokens.
-
-    Returns ``tokens (batch, max_length)`` (``eos`` then ``pad_id`` after the end; ``eos`` is
-    forced at the last position if not produced before) and the summed log-probabilities.
-    """
+    """The likeliest next token at every step: ``tokens (batch, max_length)`` (``eos``, forced at
+    the last position, then ``pad_id``) and their summed log-probabilities."""
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
 
@@ -58,21 +47,9 @@ def greedy_search(step_fn: StepFn, state: Any, batch_size: int, *, max_length: i
 
 def beam_search(step_fn: StepFn, state: Any, batch_size: int, *, beam_size: int, max_length: int,
                 bos_id: int, eos_id: int, length_penalty: float = 0.6, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """The best hypothesis per sentence under ``log P / length ** length_penalty``.
-
-    Args:
-      step_fn: the decoder (see the module docstring); it is called on ``batch * beam`` rows.
-      state: its initial state for ``batch_size`` rows (repeated here for the beams).
-      batch_size: sentences in the batch.
-      beam_size: live hypotheses per sentence (4 in Vaswani et al. and fairseq's WMT runs).
-      max_length: the most tokens a hypothesis may have, ``eos`` included.
-      bos_id, eos_id, pad_id: special tokens.
-      length_penalty: the exponent of the length divisor (0.6 for WMT14 EN-DE).
-
-    Returns:
-      ``tokens (batch, max_length)`` of the best finished hypothesis (``eos``-terminated, then
-      ``pad_id``) and its score.
-    """
+    """The best finished hypothesis per sentence: ``tokens (batch, max_length)`` (``eos``, then
+    ``pad_id``) and its score. ``state`` is the decoder's for ``batch_size`` rows (repeated here
+    for the ``beam_size`` beams); fairseq's WMT runs use beam 4, length penalty 0.6."""
     if beam_size < 1 or max_length < 1:
         raise ValueError(f"beam_size and max_length must be at least 1, got {beam_size}, "
                          f"{max_length}")

@@ -1,35 +1,18 @@
-"""The built-in task: extractive question answering on Python's own documentation.
+"""The built-in task: cloze questions on Python's documentation (``pydoc_data.topics``).
 
-The text is ``pydoc_data.topics`` (the language reference sections ``help()`` shows, shipped with
-CPython): prose paragraphs, with code blocks and headings removed, cut at sentence ends into
-passages of at most ``PASSAGE_WORDS`` words.
-
-**How the questions are made (cloze questions, not human-written ones).** For a sentence of a
-passage, one content word (4+ letters, not a stop word, not the sentence's first word) is
-replaced by ``"what"``, and the question is that sentence, cut to at most ``QUESTION_WORDS``
-words on each side of the blank, with a ``"?"``. The answer is the removed word at its place in
-the passage (the context). E.g. from the ``for`` statement's paragraph: *"The first item provided
-by the what is then assigned to the target?"* -> ``iterator``. The model must find the place in
-the context that matches the question and point at the word missing there; it cannot answer from
-the question alone. SQuAD questions are paraphrased and need more reading, so the F1 here is not
-comparable with SQuAD's.
-
-**Held-out questions** are cloze questions on real passages of held-out topics (every
-``EVAL_EVERY``-th topic), never seen in pre-training or fine-tuning.
-
-**Training questions** are made fresh for every batch (``ClozeStream``), on passages of words
-drawn at random from the running text of the training topics (with their punctuation and case).
-Why not the real training passages: the training topics hold only about 22,000 words (about 900
-usable sentences), and a small model fine-tuned on cloze questions about them learns to recognise
-the sentences it has seen instead of matching question and passage (held-out F1 below 20 in every
-probe; ``recipes/README.md``). On random-word passages recognising cannot work, so it learns the
-matching, and that carries over to real held-out passages.
-
-The WordPiece vocabulary and the masked-LM pre-training use the real text of the training topics.
+Passages: prose paragraphs of the topics, cut at sentence ends into at most ``PASSAGE_WORDS``
+words. A question is a sentence of the passage with one content word replaced by ``"what"``, cut
+to ``QUESTION_WORDS`` words on each side (*"The first item provided by the what is then assigned
+to the target?"* -> ``iterator``); the answer is that word in the passage. Held-out questions are
+on real passages of every ``EVAL_EVERY``-th topic; training questions are made fresh every step on
+passages of random words from the training topics' running text (``ClozeStream``: on real ones a
+small model learns to recognise sentences, not to match question and passage; recipes/README.md).
+The WordPiece vocabulary and the masked-LM pre-training use the training topics' real text.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -177,8 +160,6 @@ def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -
 
     The same lines give the same file in every process (tests/test_recipes_bert.py checks it).
     """
-    import os
-
     from tokenizers import BertWordPieceTokenizer
 
     tokenizer = BertWordPieceTokenizer(lowercase=True)
