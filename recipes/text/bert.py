@@ -95,7 +95,8 @@ PRUNING_RULES = (
 class _Linear(nnx.Linear):
     def __init__(self, din: int, dout: int, dtype: Any, rngs: nnx.Rngs, stddev: float):
         super().__init__(din, dout, dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=nnx.initializers.normal(stddev), bias_init=nnx.initializers.zeros, rngs=rngs)
+                         kernel_init=nnx.initializers.normal(stddev),
+                         bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 def _layer_norm(config: BertConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -117,8 +118,8 @@ def _fold(rng: jax.Array | None, data: int) -> jax.Array | None:
 
 class Embeddings(nnx.Module):
     def __init__(self, config: BertConfig, dtype: Any, rngs: nnx.Rngs):
-        embed = lambda n: nnx.Embed(n, config.hidden_size,
-                                    embedding_init=nnx.initializers.normal(config.initializer_range),
+        init = nnx.initializers.normal(config.initializer_range)
+        embed = lambda n: nnx.Embed(n, config.hidden_size, embedding_init=init,
                                     param_dtype=jnp.float32, rngs=rngs)
         self.word_embeddings = embed(config.vocab_size)
         self.position_embeddings = embed(config.max_position_embeddings)
@@ -341,15 +342,12 @@ def read_hf_state_dict(directory: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
     try:
         import torch
+        from safetensors.torch import load_file as load_torch
     except ImportError as error:
         raise ImportError(f"{directory}: reading pytorch_model.bin (or a bf16 safetensors file) "
                           "needs torch; or convert it once to float32 model.safetensors") from error
-    if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file as load_torch
-
-        tensors = load_torch(safetensors_path)
-    else:
-        tensors = torch.load(torch_path, map_location="cpu", weights_only=True)
+    tensors = (load_torch(safetensors_path) if os.path.exists(safetensors_path) else
+               torch.load(torch_path, map_location="cpu", weights_only=True))
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 

@@ -195,7 +195,7 @@ def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mas
                 special_ids: tuple[int, ...], pad_id: int, max_predictions: int,
                 mask_rate: float = 0.15) -> dict[str, np.ndarray]:
     """BERT's masking: 15% of the tokens are predicted; of those 80% become [MASK], 10% a random
-    token, 10% stay. Returns model inputs, ``masked_positions``, ``masked_ids``, ``masked_weights``."""
+    token, 10% stay. Model inputs and ``masked_positions``, ``masked_ids``, ``masked_weights``."""
     batch, length = rows.shape
     input_ids = rows.copy()
     positions = np.zeros((batch, max_predictions), np.int32)

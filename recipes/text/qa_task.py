@@ -92,8 +92,9 @@ def smoke_config(base: QAConfig) -> QAConfig:
     return base.replace(
         compute_dtype="bfloat16",
         hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=1000,
-        max_seq_length=64, doc_stride=24, max_query_length=24, pretrain_steps=4 if base.builtin else 0,
-        pretrain_batch_size=8, batch_size=8, eval_batch_size=16, num_train_steps=4,
+        max_seq_length=64, doc_stride=24, max_query_length=24,
+        pretrain_steps=4 if base.builtin else 0, pretrain_batch_size=8, batch_size=8,
+        eval_batch_size=16, num_train_steps=4,
         max_train_examples=64, max_eval_examples=24, log_every_steps=2, checkpoint_every_steps=4,
         control=True, progress_bar=False)
 
@@ -142,7 +143,8 @@ def load_task(config: QAConfig, workdir: str, vocab_path: str | None) -> QAData:
             qa_data.train_wordpiece_vocab(text, vocab_path, config.vocab_size)
         name = "pydoc_cloze_qa"
     else:
-        for flag, path in (("--train-file", config.train_file), ("--predict-file", config.predict_file)):
+        for flag, path in (("--train-file", config.train_file),
+                           ("--predict-file", config.predict_file)):
             if path is None or not os.path.exists(path):
                 raise FileNotFoundError(f"{flag} {path}: no such SQuAD v1.1 JSON file")
         if vocab_path is None:
@@ -273,7 +275,7 @@ def evaluate(logits_fn: Callable, params, task: QAData, config: QAConfig, mesh: 
                                               np.concatenate(ends), config.n_best,
                                               config.max_answer_length)
     scores = squad.squad_v11_metric(task.eval_examples, predictions)
-    return {**scores, "count": len(task.eval_examples), "predictions": predictions}
+    return {**scores, "count": len(task.eval_examples)}
 
 
 def _epoch_batch(arrays: dict[str, np.ndarray], batch_size: int, seed: int, step: int):
@@ -377,7 +379,8 @@ class QuestionAnsweringTask(workflow.Task):
             raise ValueError(f"pretrain_batch_size {config.pretrain_batch_size} must be a "
                              f"multiple of the {mesh.size} devices")
         # The architecture: a Hugging Face checkpoint's config, or a named size.
-        hf_dir = config.checkpoint or (config.init_from if is_hf_checkpoint(config.init_from) else None)
+        hf_dir = config.checkpoint or (config.init_from if is_hf_checkpoint(config.init_from)
+                                       else None)
         hf_config, self.hf_state, vocab_path = None, None, None
         if hf_dir:
             hf_config, self.hf_state, vocab_path = bert.load_hf_checkpoint(hf_dir)
@@ -407,7 +410,8 @@ class QuestionAnsweringTask(workflow.Task):
         if config.num_train_steps > 0:
             self.steps = config.num_train_steps
         elif data.train_features is not None:
-            self.steps = max(1, int(config.num_epochs * len(data.train_features) // config.batch_size))
+            self.steps = max(1, int(config.num_epochs * len(data.train_features)
+                                    // config.batch_size))
         else:
             raise ValueError("the built-in task makes fresh questions every step, so epochs mean "
                              "nothing: set num_train_steps (--set num_train_steps=N)")
@@ -418,11 +422,13 @@ class QuestionAnsweringTask(workflow.Task):
             training = (f"fresh cloze questions on random-word passages every step ("
                         f"{self.steps * config.batch_size:,} per phase)")
         else:
-            training = (f"{len(data.train_examples):,} training questions ({len(data.train_features):,}"
-                        f" windows of {config.max_seq_length} tokens, stride {config.doc_stride})")
+            training = (f"{len(data.train_examples):,} training questions ("
+                        f"{len(data.train_features):,} windows of {config.max_seq_length} tokens, "
+                        f"stride {config.doc_stride})")
         wf.print(f"{data.name}: {training}, {len(data.eval_examples):,} held-out questions; "
-                 f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
-                 f"{self.steps} steps per phase, lr {config.learning_rate:g}, compute "
+                 f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch "
+                 f"{config.batch_size}, {self.steps} steps per phase, lr "
+                 f"{config.learning_rate:g}, compute "
                  f"{config.compute_dtype}")
         self.logits_fn = make_logits_fn(self.graphdef, mesh)
         if data.train_stream is None:
@@ -448,21 +454,24 @@ class QuestionAnsweringTask(workflow.Task):
             def next_batch(step: int) -> dict:
                 chosen = _epoch_batch({"rows": rows}, config.pretrain_batch_size, config.seed,
                                       step)["rows"]
-                return qa_data.mask_tokens(chosen, np.random.default_rng([config.seed, 7, step]),
-                                           tokenizer.get_vocab_size(), ids["[MASK]"],
-                                           tuple(ids.values()), ids["[PAD]"], config.max_predictions)
+                return qa_data.mask_tokens(
+                    chosen, np.random.default_rng([config.seed, 7, step]),
+                    tokenizer.get_vocab_size(), ids["[MASK]"], tuple(ids.values()), ids["[PAD]"],
+                    config.max_predictions)
 
             wf.print(f"[pretrain] masked LM on {len(rows)} sequences of {config.max_seq_length} "
                      f"tokens, {config.pretrain_steps} steps of {config.pretrain_batch_size}")
             mlm_state = {"params": mlm_params, "opt_state": tx.init(mlm_params)}
             mlm_state, _ = workflow.run_phase(
-                wf, "pretrain", mlm_state, self._with_rng(_make_train_step(graphdef, tx, wf.mesh, masked_lm_loss)),
+                wf, "pretrain", mlm_state,
+                self._with_rng(_make_train_step(graphdef, tx, wf.mesh, masked_lm_loss)),
                 workflow.StepBatches(next_batch), config.pretrain_steps, None, resume)
             params["bert"] = mlm_state["params"]["bert"]
             self.extra_steps["pretrain"] = config.pretrain_steps
         elif self.hf_state is not None and not config.init_from:
             params, notes = bert.params_from_hf(self.hf_state, params)
-            wf.print(f"[dense] pre-trained weights from {self.hf_dir}" + "".join(f"; {n}" for n in notes))
+            wf.print(f"[dense] pre-trained weights from {self.hf_dir}"
+                     + "".join(f"; {n}" for n in notes))
         self.hf_state = None
         return {"params": params}
 
@@ -489,9 +498,7 @@ class QuestionAnsweringTask(workflow.Task):
                                                               self.config.batch_size, seed, step))
 
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
-        result = evaluate(self.logits_fn, state["params"], self.data, self.config, self.wf.mesh)
-        result.pop("predictions")
-        return result
+        return evaluate(self.logits_fn, state["params"], self.data, self.config, self.wf.mesh)
 
     def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
         return {"split": "eval", "loss": None, "metric": result["f1"] / 100,
@@ -505,7 +512,8 @@ class QuestionAnsweringTask(workflow.Task):
         return {"params": params}, description
 
     def extra_results(self, evals):
-        return {"exact_match": {k: None if v is None else v["exact_match"] for k, v in evals.items()},
+        exact = {k: None if v is None else v["exact_match"] for k, v in evals.items()}
+        return {"exact_match": exact,
                 "batch_size": self.config.batch_size, "eval_questions": evals["sparse"]["count"]}
 
     def table_rows(self, results):
@@ -520,11 +528,6 @@ class QuestionAnsweringTask(workflow.Task):
 
     def export_onnx(self, state, path: str) -> None:
         export_onnx(self.mcfg, state["params"], self.config.max_seq_length, path)
-
-
-def train_and_evaluate(config: QAConfig, workdir: str, **kwargs) -> dict[str, Any]:
-    """The workflow with this task (``workflow.train_and_evaluate``)."""
-    return workflow.train_and_evaluate(QuestionAnsweringTask, config, workdir, **kwargs)
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:

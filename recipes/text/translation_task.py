@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -59,7 +58,7 @@ class TranslationConfig(WorkflowConfig):
     data_dir: str | None = None
     source_lang: str = "en"
     target_lang: str = "de"
-    spm_model: str | None = None  # a sentencepiece .model; default <data_dir>/spm.model or train one
+    spm_model: str | None = None  # a sentencepiece .model; else <data_dir>/spm.model or train one
     vocab_size: int = 32768
     spm_train_sentences: int = 10_000_000
     max_train_pairs: int = -1
@@ -100,7 +99,7 @@ class TranslationConfig(WorkflowConfig):
 
 
 def builtin_config() -> TranslationConfig:
-    """The default: a base-shaped model scaled down to run all three steps on 2 CPU cores in minutes."""
+    """The default: a base-shaped model scaled down to run every phase on 2 CPU cores in minutes."""
     return TranslationConfig(
         size="base", d_model=128, ffn_dim=256, num_heads=4, encoder_layers=2, decoder_layers=2,
         dropout=0.0, compute_dtype="float32", vocab_size=1000, buckets=(24, 48, 96),
@@ -126,7 +125,8 @@ def inverse_sqrt_schedule(config: TranslationConfig):
     def schedule(count):
         update = jnp.asarray(count, jnp.float32) + 1.0
         warmup = max(config.warmup_steps, 1)
-        ramp = config.warmup_init_lr + (config.learning_rate - config.warmup_init_lr) * update / warmup
+        ramp = (config.warmup_init_lr
+                + (config.learning_rate - config.warmup_init_lr) * update / warmup)
         decay = config.learning_rate * jnp.sqrt(warmup / update)
         return jnp.where(update < warmup, ramp, decay)
 
@@ -188,7 +188,7 @@ def make_loss_step(graphdef, mesh, config: TranslationConfig, pad_id: int) -> Ca
     return jax.jit(loss_step, in_shardings=workflow.shardings(mesh))
 
 
-def make_translate_fn(graphdef, config: TranslationConfig, ids: dict[str, int]) -> Callable:
+def make_translate_fn(graphdef, config: TranslationConfig) -> Callable:
     """A jitted ``(params, src (B, S)) -> tokens (B, max_length)``: beam search with a KV cache."""
 
     @functools.partial(jax.jit, static_argnames=("max_length",))
@@ -202,7 +202,7 @@ def make_translate_fn(graphdef, config: TranslationConfig, ids: dict[str, int]) 
 
         tokens, _ = beam_search.beam_search(
             step, cache, src.shape[0], beam_size=config.beam_size, max_length=max_length,
-            bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
+            bos_id=td.BOS_ID, eos_id=td.EOS_ID, pad_id=td.PAD_ID,
             length_penalty=config.length_penalty)
         return tokens
 
@@ -273,12 +273,11 @@ def prepare_data(config: TranslationConfig, workdir: str, log: Callable = print)
                 f.write(model)
         log(f"sentencepiece: joint BPE of {processor.get_piece_size()} pieces trained on both "
             f"sides of the training text in {time.time() - started:.1f} s -> {saved}")
-    special = {"pad": processor.pad_id(), "unk": processor.unk_id(), "bos": processor.bos_id(),
-               "eos": processor.eos_id()}
-    expected = {"pad": td.PAD_ID, "unk": td.UNK_ID, "bos": td.BOS_ID, "eos": td.EOS_ID}
-    if special != expected:
-        raise ValueError(f"the sentencepiece model's special ids are {special}; this recipe needs "
-                         f"{expected} (train it with pad_id=0 unk_id=1 bos_id=2 eos_id=3)")
+    special = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+    if special != (td.PAD_ID, td.UNK_ID, td.BOS_ID, td.EOS_ID):
+        raise ValueError(f"the sentencepiece model's pad/unk/bos/eos ids are {special}; this "
+                         "recipe needs them 0/1/2/3 (train it with pad_id=0 unk_id=1 bos_id=2 "
+                         "eos_id=3)")
     splits = {split: td.tokenize_pairs(processor, *texts[split]) for split in td.SPLITS}
     return Data(processor, splits["train"], splits["valid"], splits["test"], name)
 
@@ -365,24 +364,19 @@ class TranslationTask(workflow.Task):
 
     def setup(self) -> dict[str, Any]:
         config, mesh, wf = self.config, self.wf.mesh, self.wf
-
-        self.data = prepare_data(config, self.workdir, log=wf.print)
-        self.dataset_name = self.data.name
-        vocab_size = self.data.processor.get_piece_size()
+        data = self.data = prepare_data(config, self.workdir, log=wf.print)
+        self.dataset_name = data.name
+        vocab_size = data.processor.get_piece_size()
         self.model_cfg = model_cfg = config.model_config(vocab_size)
-        graphdef, params = nnx.split(transformer.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)),
-                                     nnx.Param)
-        self.graphdef = graphdef
-        ids = {"pad": self.data.processor.pad_id(), "bos": self.data.processor.bos_id(),
-               "eos": self.data.processor.eos_id()}
-        self.loss_step = make_loss_step(graphdef, mesh, config, ids["pad"])
-        self.translate = make_translate_fn(graphdef, config, ids)
+        self.graphdef, params = nnx.split(
+            transformer.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+        self.loss_step = make_loss_step(self.graphdef, mesh, config, td.PAD_ID)
+        self.translate = make_translate_fn(self.graphdef, config)
         self.schedule = inverse_sqrt_schedule(config)
         self.steps = config.num_train_steps
         self.bleu_steps = {round(self.steps * (i + 1) / (config.bleu_during_training + 1))
                            for i in range(config.bleu_during_training)}
         num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-        data = self.data
         wf.print(f"{config.model} ({config.size}-shaped: {model_cfg.encoder_layers}+"
                  f"{model_cfg.decoder_layers} layers, d_model {model_cfg.d_model}, FFN "
                  f"{model_cfg.ffn_dim}, {model_cfg.num_heads} heads, "
@@ -413,8 +407,8 @@ class TranslationTask(workflow.Task):
 
     def train_record(self, fetched: list[dict], step: int) -> dict[str, Any]:
         tokens = sum(float(m["tokens"]) for m in fetched)
-        loss = sum(float(m["loss"]) * float(m["tokens"]) for m in fetched) / max(tokens, 1.0)
-        nll = sum(float(m["nll"]) * float(m["tokens"]) for m in fetched) / max(tokens, 1.0)
+        loss, nll = (sum(float(m[k]) * float(m["tokens"]) for m in fetched) / max(tokens, 1.0)
+                     for k in ("loss", "nll"))
         return {"loss": loss, "nll": nll, "metric": None, "lr": float(self.schedule(step - 1)),
                 "tokens": tokens}
 
