@@ -39,7 +39,6 @@ class QAConfig(WorkflowConfig):
     intermediate_size: int = -1
     dropout: float = -1.0  # >= 0: override hidden and attention dropout
     initializer_range: float = -1.0  # > 0: std of the initial weights (BERT: 0.02)
-
     # Data. SQuAD JSON files, or the built-in pydoc task when both are None.
     train_file: str | None = None
     predict_file: str | None = None
@@ -52,13 +51,11 @@ class QAConfig(WorkflowConfig):
     max_answer_length: int = 30
     max_train_examples: int = -1  # > 0: the first questions only (smoke runs)
     max_eval_examples: int = -1
-
     # Masked-LM pre-training (built-in task only).
     pretrain_steps: int = 0
     pretrain_batch_size: int = 64
     pretrain_learning_rate: float = 1e-3
     max_predictions: int = 20
-
     # Fine-tuning, the same schedule for the dense and the masked phase (Google's SQuAD recipe
     # for BERT-Large: batch 24, lr 3e-5, 2 epochs, 10% warmup; AdamW weight decay 0.01).
     batch_size: int = 24
@@ -66,7 +63,6 @@ class QAConfig(WorkflowConfig):
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     num_epochs: float = 2.0
-
     # Bookkeeping.
     eval_batch_size: int = 64
     log_every_steps: int = 50
