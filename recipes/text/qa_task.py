@@ -424,8 +424,7 @@ class QuestionAnsweringTask(workflow.Task):
         wf.print(f"{data.name}: {training}, {len(data.eval_examples):,} held-out questions; "
                  f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch "
                  f"{config.batch_size}, {self.steps} steps per phase, lr "
-                 f"{config.learning_rate:g}, compute "
-                 f"{config.compute_dtype}")
+                 f"{config.learning_rate:g}, compute {config.compute_dtype}")
         self.logits_fn = make_logits_fn(self.graphdef, mesh)
         if data.train_stream is None:
             self.train_arrays = data.train_features.arrays()
