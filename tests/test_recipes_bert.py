@@ -1,4 +1,4 @@
-"""Tests of the BERT question-answering recipe (recipes/bert_large_squad.py, recipes/text/qa_task.py, recipes/text/bert*).
+"""Tests of the BERT question-answering recipe (recipes/bert_large_squad.py, recipes/text/qa_task.py, recipes/text/bert.py).
 
 References are independent of the code under test: the parameter count from BERT's architecture
 written out by hand, a NumPy BERT forward pass written here from the Hugging Face layout, the
@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 from recipes.engine import workflow  # noqa: E402
-from recipes.text import bert, bert_configs, qa_data, qa_task, squad  # noqa: E402
+from recipes.text import bert, qa_data, qa_task, squad  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -450,7 +449,7 @@ def test_stream_batches_are_windows_that_hold_their_answer(tmp_path):
     task = qa_task.QAData("t", None, [], None, None, tokenizer, str(tmp_path / "vocab.txt"), None,
                            qa_data.ClozeStream(words, min_words=15, max_words=25))
     # 32 tokens: questions cut to 12, so a passage of up to 28 tokens needs 2-3 windows.
-    config = bert_configs.builtin_config().replace(batch_size=16, max_seq_length=32,
+    config = qa_task.builtin_config().replace(batch_size=16, max_seq_length=32,
                                                    doc_stride=8, max_query_length=12)
     batch = qa_task.stream_batch(task, config, step=5, seed=0)
     assert all(v.shape == (16, 32) for k, v in batch.items() if k.endswith("_ids"))
@@ -464,6 +463,21 @@ def test_stream_batches_are_windows_that_hold_their_answer(tmp_path):
     assert np.all(start > sep) and np.all(batch["token_type_ids"][np.arange(16), start] == 1)
     np.testing.assert_array_equal(batch["input_ids"],
                                   qa_task.stream_batch(task, config, 5, 0)["input_ids"])
+
+
+def test_builtin_vocabulary_is_the_same_in_fresh_processes(tmp_path):
+    # tokenizers seeds its hash maps anew in every process: only fresh processes can show a tie
+    # broken differently (before the fix, two runs differed by dozens of tokens).
+    script = ("import sys; from recipes.text import qa_data; "
+              "qa_data.train_wordpiece_vocab(qa_data.builtin_task(0)[2], sys.argv[1], 1000)")
+    paths = [tmp_path / f"vocab{i}.txt" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, check=True,
+                       capture_output=True)
+    first, second = (p.read_text(encoding="utf-8").splitlines() for p in paths)
+    assert first == second
+    assert len(first) == 1000 and first[:5] == list(qa_data.SPECIAL_TOKENS)
+    assert first[5:] == sorted(set(first[5:])) and any(len(t) > 4 for t in first)
 
 
 def test_mlm_masking_follows_bert(word_tokenizer):
@@ -565,11 +579,7 @@ def test_smoke_run_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
-    uninterrupted = _smoke(tmp_path / "a")
-    # The same vocabulary for both runs: tokenizers' trainer breaks ties irreproducibly, and a run
-    # reuses the vocab.txt its workdir holds.
-    os.makedirs(tmp_path / "b")
-    shutil.copy(tmp_path / "a" / "vocab.txt", tmp_path / "b" / "vocab.txt")
+    uninterrupted = _smoke(tmp_path / "a")  # each run trains its own (the same) vocabulary
     with pytest.raises(workflow.Interrupted):
         _smoke(tmp_path / "b", "--set", "interrupt_after_steps=7")  # inside the dense phase
     with pytest.raises(FileExistsError, match="--resume"):

@@ -165,15 +165,30 @@ def known_answer_table():
     return table / table.sum(axis=1, keepdims=True)
 
 
+def greedy(step, state, batch_size, max_length):
+    """The likeliest token at every step (eos forced last), pads after eos; summed log-probs."""
+    tokens = jnp.full((batch_size,), BOS, jnp.int32)
+    out = np.full((batch_size, max_length), PAD)
+    score, done = np.zeros(batch_size), np.zeros(batch_size, bool)
+    for position in range(max_length):
+        log_probs, state = step(tokens, position, state)
+        log_probs = np.asarray(log_probs, np.float64)
+        tokens = np.argmax(log_probs, -1) if position < max_length - 1 else np.full(batch_size, EOS)
+        score += np.where(done, 0.0, log_probs[np.arange(batch_size), tokens])
+        out[:, position] = np.where(done, PAD, tokens)
+        done |= tokens == EOS
+        tokens = jnp.asarray(tokens, jnp.int32)
+    return out, score
+
+
 def test_beam_search_finds_the_best_sentence_that_greedy_misses():
     table = known_answer_table()
     step = markov_step_fn(table)
-    greedy, greedy_score = beam_search.greedy_search(step, None, 1, max_length=4, bos_id=BOS,
-                                                     eos_id=EOS, pad_id=PAD)
+    greedy_tokens, greedy_score = greedy(step, None, 1, max_length=4)
     beam, score = jax.jit(lambda: beam_search.beam_search(
         step, None, 1, beam_size=4, max_length=4, bos_id=BOS, eos_id=EOS, pad_id=PAD,
         length_penalty=0.6))()
-    assert greedy[0].tolist() == [4, 4, 4, EOS]  # greedy follows the locally best token
+    assert greedy_tokens[0].tolist() == [4, 4, 4, EOS]  # greedy follows the locally best token
     expected, expected_score = exhaustive_best(table, 4, 0.6)
     assert expected == (5, EOS)
     assert beam[0].tolist() == [5, EOS, PAD, PAD]
@@ -209,11 +224,10 @@ def test_beam_of_one_without_length_penalty_is_greedy_on_a_transformer():
         return jax.nn.log_softmax(logits), cache
 
     cache = model.init_cache(model.encode(src), src, 8)
-    greedy, greedy_score = beam_search.greedy_search(step, cache, 5, max_length=8, bos_id=BOS,
-                                                     eos_id=EOS)
+    greedy_tokens, greedy_score = greedy(step, cache, 5, max_length=8)
     beam, score = beam_search.beam_search(step, cache, 5, beam_size=1, max_length=8, bos_id=BOS,
                                           eos_id=EOS, length_penalty=0.0)
-    np.testing.assert_array_equal(beam, greedy)
+    np.testing.assert_array_equal(beam, greedy_tokens)
     np.testing.assert_allclose(score, greedy_score, rtol=1e-5)
 
 

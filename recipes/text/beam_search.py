@@ -1,16 +1,10 @@
-"""Greedy and beam search over any incremental decoder (jit-compatible, fixed shapes).
+"""Beam search over any incremental decoder (jit-compatible, fixed shapes).
 
-A decoder is given as ``step_fn(tokens, position, state) -> (log_probs, state)``: ``tokens (N,)``
-are the tokens at ``position``, ``log_probs (N, vocab)`` the next-token log-probabilities, and
-``state`` any pytree whose leaves have the ``N`` rows first (beam search reorders them).
-
-Beam search keeps ``beam_size`` live hypotheses per sentence. Each step extends them by every
-token, takes the best ``2 * beam_size`` extensions, moves those ending in ``eos`` to the finished
-set with the score ``log P / length ** length_penalty`` (fairseq's ``--lenpen``; ``length``
-counts the generated tokens including ``eos``) and keeps the best ``beam_size`` others alive.
-At ``max_length`` every hypothesis is ended with ``eos``. The search stops early once no live
-hypothesis can still beat the finished ones (its log-probability only falls and its length
-divisor is at most ``max_length ** length_penalty``).
+A decoder is ``step_fn(tokens (N,), position, state) -> (log_probs (N, vocab), state)``, ``state``
+any pytree with the ``N`` rows first (beam search reorders them). A finished hypothesis scores
+``log P / length ** length_penalty`` (fairseq's ``--lenpen``; ``length`` counts the ``eos``);
+every hypothesis ends with ``eos`` at ``max_length``; the search stops once no live one can
+still beat the finished ones (its log-probability only falls).
 """
 
 from __future__ import annotations
@@ -25,54 +19,12 @@ StepFn = Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]]
 NEG_INF = -1.0e9  # finite, so that arithmetic on "impossible" scores stays NaN-free
 
 
-
-
-def greedy_search(step_fn: StepFn, state: Any, batch_size: int, *, max_length: int, bos_id: int,
-                  eos_id: int, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """The most likely next token at every step, until ``eos`` or ``max_length`` tokens.
-
-    Returns ``tokens (batch, max_length)`` (``eos`` then ``pad_id`` after the end; ``eos`` is
-    forced at the last position if not produced before) and the summed log-probabilities.
-    """
-    if max_length < 1:
-        raise ValueError(f"max_length must be at least 1, got {max_length}")
-
-    def body(position, carry):
-        previous, state, out, score, done = carry
-        log_probs, state = step_fn(previous, position, state)
-        log_probs = log_probs.astype(jnp.float32)
-        last = position == max_length - 1
-        token = jnp.where(last, eos_id, jnp.argmax(log_probs, axis=-1))
-        token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-        score = score + jnp.where(done, 0.0, token_log_prob)
-        out = out.at[:, position].set(jnp.where(done, pad_id, token))
-        done = done | (token == eos_id)
-        return token, state, out, score, done
-
-    carry = (jnp.full((batch_size,), bos_id, jnp.int32), state,
-             jnp.full((batch_size, max_length), pad_id, jnp.int32),
-             jnp.zeros((batch_size,), jnp.float32), jnp.zeros((batch_size,), bool))
-    _, _, out, score, _ = jax.lax.fori_loop(0, max_length, body, carry)
-    return out, score
-
-
 def beam_search(step_fn: StepFn, state: Any, batch_size: int, *, beam_size: int, max_length: int,
-                bos_id: int, eos_id: int, length_penalty: float = 0.6, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-    """The best hypothesis per sentence under ``log P / length ** length_penalty``.
-
-    Args:
-      step_fn: the decoder (see the module docstring); it is called on ``batch * beam`` rows.
-      state: its initial state for ``batch_size`` rows (repeated here for the beams).
-      batch_size: sentences in the batch.
-      beam_size: live hypotheses per sentence (4 in Vaswani et al. and fairseq's WMT runs).
-      max_length: the most tokens a hypothesis may have, ``eos`` included.
-      bos_id, eos_id, pad_id: special tokens.
-      length_penalty: the exponent of the length divisor (0.6 for WMT14 EN-DE).
-
-    Returns:
-      ``tokens (batch, max_length)`` of the best finished hypothesis (``eos``-terminated, then
-      ``pad_id``) and its score.
-    """
+                bos_id: int, eos_id: int, length_penalty: float = 0.6,
+                pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The best finished hypothesis per sentence: ``tokens (batch, max_length)`` (``eos``, then
+    ``pad_id``) and its score. ``state`` is the decoder's for ``batch_size`` rows (repeated here
+    for the ``beam_size`` beams); fairseq's WMT runs use beam 4, length penalty 0.6."""
     if beam_size < 1 or max_length < 1:
         raise ValueError(f"beam_size and max_length must be at least 1, got {beam_size}, "
                          f"{max_length}")
@@ -95,7 +47,8 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, *, beam_size: int,
         return (position < max_length) & can_improve
 
     def body(carry):
-        position, previous, alive_seqs, alive_log_probs, finished_seqs, finished_scores, state = carry
+        (position, previous, alive_seqs, alive_log_probs, finished_seqs, finished_scores,
+         state) = carry
         log_probs, state = step_fn(previous, position, state)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.astype(jnp.float32).reshape(batch_size, k, vocab)

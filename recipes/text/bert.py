@@ -1,24 +1,19 @@
-"""BERT in Flax NNX: the encoder, a span-extraction (SQuAD) head, a masked-LM head, and weights
-from a local Hugging Face checkpoint directory.
+"""BERT in Flax NNX (encoder, span head, masked-LM head) and Hugging Face checkpoints.
 
-The layers follow Google's BERT / Hugging Face's ``BertModel`` exactly (post-LayerNorm, exact
-erf GELU, learned absolute positions, token types, tanh pooler), so Hugging Face weights give
-Hugging Face's logits. Linear kernels are ``(in, out)`` (Hugging Face stores ``(out, in)``), so
-2:4 groups along the input dimension run along axis 0, as ``sparse_jax`` prunes by default.
-
-Parameter paths (``nnx.to_pure_dict``): ``bert/embeddings/{word,position,token_type}_embeddings``,
-``bert/embeddings/layer_norm``, ``bert/encoder/layers/<i>/{query,key,value,attention_output,
-attention_layer_norm,intermediate,output,output_layer_norm}``, ``bert/pooler``, ``qa_outputs``
-(question answering) or ``mlm_transform``, ``mlm_layer_norm``, ``mlm_bias`` (masked LM, decoder
-tied to the word embeddings).
+The layers follow Hugging Face's ``BertModel`` exactly (post-LayerNorm, erf GELU, learned
+positions, token types, tanh pooler), so its weights give its logits. Linear kernels are ``(in,
+out)`` (Hugging Face stores ``(out, in)``): 2:4 groups along the input run along axis 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import operator
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -50,34 +45,29 @@ class BertConfig:
     def from_hf_json(cls, path: str) -> "BertConfig":
         with open(path) as f:
             hf = json.load(f)
-        if hf.get("model_type", "bert") != "bert":
-            raise ValueError(f"{path}: model_type {hf['model_type']!r}, expected 'bert'")
-        if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}; only BERT's exact 'gelu' "
-                             "is implemented")
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: only absolute position embeddings are implemented")
-        return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                   num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                   intermediate_size=hf["intermediate_size"],
-                   max_position_embeddings=hf.get("max_position_embeddings", 512),
-                   type_vocab_size=hf.get("type_vocab_size", 2),
-                   layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                   hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-                   attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                   initializer_range=hf.get("initializer_range", 0.02))
+        for key, expected in (("model_type", "bert"), ("hidden_act", "gelu"),
+                              ("position_embedding_type", "absolute")):
+            if hf.get(key, expected) != expected:
+                raise ValueError(f"{path}: {key} {hf[key]!r}; only {expected!r} is implemented")
+        names = list(_HF_CONFIG_NAMES.items())
+        missing = [name for _, name in names[:5] if name not in hf]  # the rest have defaults
+        if missing:
+            raise KeyError(f"{path}: no {', '.join(missing)}")
+        return cls(**{field: hf.get(name, getattr(cls, field)) for field, name in names})
 
     def to_hf_json(self) -> dict[str, Any]:
         return {"model_type": "bert", "architectures": ["BertForQuestionAnswering"],
-                "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-                "intermediate_size": self.intermediate_size, "hidden_act": "gelu",
-                "max_position_embeddings": self.max_position_embeddings,
-                "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
-                "hidden_dropout_prob": self.hidden_dropout,
-                "attention_probs_dropout_prob": self.attention_dropout,
-                "initializer_range": self.initializer_range}
+                "hidden_act": "gelu",
+                **{hf_name: getattr(self, field) for field, hf_name in _HF_CONFIG_NAMES.items()}}
 
+
+# Field -> Hugging Face config.json name.
+_HF_CONFIG_NAMES = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps", "hidden_dropout": "hidden_dropout_prob",
+    "attention_dropout": "attention_probs_dropout_prob", "initializer_range": "initializer_range"}
 
 # Google's released sizes (BERT-Large/Base and the "well-read students" miniatures).
 SIZES = {
@@ -88,8 +78,6 @@ SIZES = {
     "mini": BertConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
     "tiny": BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
 }
-
-ENCODER_LINEARS = ("query", "key", "value", "attention_output", "intermediate", "output")
 
 # Every encoder Linear 2:4 along its input dimension (axis 0 of an (in, out) kernel); all else
 # dense, each with its reason in the sparsity report.
@@ -104,14 +92,11 @@ PRUNING_RULES = (
 )
 
 
-def _normal(stddev: float = 0.02):
-    return nnx.initializers.normal(stddev)
-
-
 class _Linear(nnx.Linear):
     def __init__(self, din: int, dout: int, dtype: Any, rngs: nnx.Rngs, stddev: float):
         super().__init__(din, dout, dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=_normal(stddev), bias_init=nnx.initializers.zeros, rngs=rngs)
+                         kernel_init=nnx.initializers.normal(stddev),
+                         bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
 def _layer_norm(config: BertConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -127,18 +112,14 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _fold(rng: jax.Array | None, *data: int) -> jax.Array | None:
-    if rng is None:
-        return None
-    for d in data:
-        rng = jax.random.fold_in(rng, d)
-    return rng
+def _fold(rng: jax.Array | None, data: int) -> jax.Array | None:
+    return None if rng is None else jax.random.fold_in(rng, data)
 
 
 class Embeddings(nnx.Module):
     def __init__(self, config: BertConfig, dtype: Any, rngs: nnx.Rngs):
-        embed = lambda n: nnx.Embed(n, config.hidden_size,
-                                    embedding_init=_normal(config.initializer_range),
+        init = nnx.initializers.normal(config.initializer_range)
+        embed = lambda n: nnx.Embed(n, config.hidden_size, embedding_init=init,
                                     param_dtype=jnp.float32, rngs=rngs)
         self.word_embeddings = embed(config.vocab_size)
         self.position_embeddings = embed(config.max_position_embeddings)
@@ -163,13 +144,10 @@ class EncoderLayer(nnx.Module):
         if h % config.num_heads:
             raise ValueError(f"hidden_size {h} is not a multiple of num_heads {config.num_heads}")
         self.num_heads = config.num_heads
-        self.query = _Linear(h, h, dtype, rngs, config.initializer_range)
-        self.key = _Linear(h, h, dtype, rngs, config.initializer_range)
-        self.value = _Linear(h, h, dtype, rngs, config.initializer_range)
-        self.attention_output = _Linear(h, h, dtype, rngs, config.initializer_range)
+        linear = lambda din, dout: _Linear(din, dout, dtype, rngs, config.initializer_range)
+        self.query, self.key, self.value, self.attention_output = (linear(h, h) for _ in range(4))
         self.attention_layer_norm = _layer_norm(config, dtype, rngs)
-        self.intermediate = _Linear(h, f, dtype, rngs, config.initializer_range)
-        self.output = _Linear(f, h, dtype, rngs, config.initializer_range)
+        self.intermediate, self.output = linear(h, f), linear(f, h)
         self.output_layer_norm = _layer_norm(config, dtype, rngs)
         self.hidden_dropout = config.hidden_dropout
         self.attention_dropout = config.attention_dropout
@@ -203,16 +181,13 @@ class BertModel(nnx.Module):
                               config.initializer_range)
 
     def __call__(self, input_ids, token_type_ids, attention_mask, dropout_rng=None):
-        """Hidden states ``[batch, length, hidden]`` (the pooler is only used by ``pooled``)."""
+        """Hidden states ``[batch, length, hidden]`` (the pooler is kept for the HF layout)."""
         # 0 where attended, a large negative number on padding (float32, added to the scores).
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
         x = self.embeddings(input_ids, token_type_ids, _fold(dropout_rng, 0))
         for i, layer in enumerate(self.encoder.layers):
             x = layer(x, bias, _fold(dropout_rng, i + 1))
         return x
-
-    def pooled(self, hidden):
-        return jnp.tanh(self.pooler(hidden[:, 0]))
 
 
 class BertForQuestionAnswering(nnx.Module):
@@ -256,28 +231,21 @@ class BertForMaskedLM(nnx.Module):
 
 
 def num_parameters(model_or_params) -> int:
-    params = model_or_params
     if isinstance(model_or_params, nnx.Module):
-        params = nnx.state(model_or_params, nnx.Param)
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face checkpoints
-# ---------------------------------------------------------------------------------------------
+        model_or_params = nnx.state(model_or_params, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(model_or_params)))
 
 
 def _hf_names(num_layers: int) -> list[tuple[tuple, str, bool]]:
     """``(params path, Hugging Face name, is a Linear weight)`` for every BERT-QA parameter."""
     names = []
 
-    def linear(path: tuple, hf: str) -> None:
-        names.append((path + ("kernel",), hf + ".weight", True))
+    def add(path: tuple, hf: str, weight: str) -> None:  # weight: "kernel" (Linear) or "scale"
+        names.append((path + (weight,), hf + ".weight", weight == "kernel"))
         names.append((path + ("bias",), hf + ".bias", False))
 
-    def norm(path: tuple, hf: str) -> None:
-        names.append((path + ("scale",), hf + ".weight", False))
-        names.append((path + ("bias",), hf + ".bias", False))
+    linear = lambda path, hf: add(path, hf, "kernel")
+    norm = lambda path, hf: add(path, hf, "scale")
 
     for table in ("word", "position", "token_type"):
         names.append((("bert", "embeddings", f"{table}_embeddings", "embedding"),
@@ -305,32 +273,20 @@ def _canonical_hf_name(name: str) -> str:
     # BertModel checkpoints have no "bert." prefix; TF-converted ones say gamma/beta.
     if not name.startswith(("bert.", "qa_outputs.", "cls.")):
         name = "bert." + name
-    if name.endswith("LayerNorm.gamma"):
-        name = name[: -len("gamma")] + "weight"
-    if name.endswith("LayerNorm.beta"):
-        name = name[: -len("beta")] + "bias"
+    for tf_name, hf_name in (("gamma", "weight"), ("beta", "bias")):
+        if name.endswith("LayerNorm." + tf_name):
+            name = name[: -len(tf_name)] + hf_name
     return name
 
 
 def _get(tree: dict, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
+    return functools.reduce(operator.getitem, path, tree)
 
 
 def params_from_hf(state_dict: dict[str, np.ndarray], like: dict) -> tuple[dict, list[str]]:
-    """``like`` (a QA model's pure params dict) with the values of a Hugging Face state dict.
-
-    Returns ``(params, notes)``; notes list the parameters kept from ``like`` (pooler, span head)
-    and the checkpoint entries not used (pre-training heads). Raises on a missing encoder or
-    embedding weight and on any shape mismatch.
-    """
+    """``(params, notes)``: ``like`` (a QA model's pure params dict) with the values of a Hugging
+    Face state dict; notes name what was kept from ``like`` (pooler, span head) and the unused
+    entries (pre-training heads). Raises on a missing encoder weight or a shape mismatch."""
     num_layers = len(like["bert"]["encoder"]["layers"])
     state = {_canonical_hf_name(k): v for k, v in state_dict.items()}
     params = jax.tree.map(lambda x: x, like)
@@ -348,7 +304,7 @@ def params_from_hf(state_dict: dict[str, np.ndarray], like: dict) -> tuple[dict,
         if value.shape != tuple(target.shape):
             raise ValueError(f"{hf}: shape {value.shape} (after transposing Linear weights), "
                              f"the model expects {tuple(target.shape)}")
-        _set(params, path, jnp.asarray(value))
+        _get(params, path[:-1])[path[-1]] = jnp.asarray(value)
         used.add(hf)
     notes = []
     if kept:
@@ -386,15 +342,12 @@ def read_hf_state_dict(directory: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
     try:
         import torch
+        from safetensors.torch import load_file as load_torch
     except ImportError as error:
         raise ImportError(f"{directory}: reading pytorch_model.bin (or a bf16 safetensors file) "
                           "needs torch; or convert it once to float32 model.safetensors") from error
-    if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file as load_torch
-
-        tensors = load_torch(safetensors_path)
-    else:
-        tensors = torch.load(torch_path, map_location="cpu", weights_only=True)
+    tensors = (load_torch(safetensors_path) if os.path.exists(safetensors_path) else
+               torch.load(torch_path, map_location="cpu", weights_only=True))
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 
@@ -420,6 +373,4 @@ def save_hf_checkpoint(directory: str, config: BertConfig, params: dict,
         json.dump(config.to_hf_json(), f, indent=2)
     save_file(params_to_hf(params), os.path.join(directory, "model.safetensors"))
     if vocab_path:
-        import shutil
-
         shutil.copyfile(vocab_path, os.path.join(directory, "vocab.txt"))

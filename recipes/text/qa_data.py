@@ -1,35 +1,18 @@
-"""The built-in task: extractive question answering on Python's own documentation.
+"""The built-in task: cloze questions on Python's documentation (``pydoc_data.topics``).
 
-The text is ``pydoc_data.topics`` (the language reference sections ``help()`` shows, shipped with
-CPython): prose paragraphs, with code blocks and headings removed, cut at sentence ends into
-passages of at most ``PASSAGE_WORDS`` words.
-
-**How the questions are made (cloze questions, not human-written ones).** For a sentence of a
-passage, one content word (4+ letters, not a stop word, not the sentence's first word) is
-replaced by ``"what"``, and the question is that sentence, cut to at most ``QUESTION_WORDS``
-words on each side of the blank, with a ``"?"``. The answer is the removed word at its place in
-the passage (the context). E.g. from the ``for`` statement's paragraph: *"The first item provided
-by the what is then assigned to the target?"* -> ``iterator``. The model must find the place in
-the context that matches the question and point at the word missing there; it cannot answer from
-the question alone. SQuAD questions are paraphrased and need more reading, so the F1 here is not
-comparable with SQuAD's.
-
-**Held-out questions** are cloze questions on real passages of held-out topics (every
-``EVAL_EVERY``-th topic), never seen in pre-training or fine-tuning.
-
-**Training questions** are made fresh for every batch (``ClozeStream``), on passages of words
-drawn at random from the running text of the training topics (with their punctuation and case).
-Why not the real training passages: the training topics hold only about 22,000 words (about 900
-usable sentences), and a small model fine-tuned on cloze questions about them learns to recognise
-the sentences it has seen instead of matching question and passage (held-out F1 below 20 in every
-probe; ``recipes/README.md``). On random-word passages recognising cannot work, so it learns the
-matching, and that carries over to real held-out passages.
-
-The WordPiece vocabulary and the masked-LM pre-training use the real text of the training topics.
+Passages: prose paragraphs of the topics, cut at sentence ends into at most ``PASSAGE_WORDS``
+words. A question is a sentence of the passage with one content word replaced by ``"what"``, cut
+to ``QUESTION_WORDS`` words on each side (*"The first item provided by the what is then assigned
+to the target?"* -> ``iterator``); the answer is that word in the passage. Held-out questions are
+on real passages of every ``EVAL_EVERY``-th topic; training questions are made fresh every step on
+passages of random words from the training topics' running text (``ClozeStream``: on real ones a
+small model learns to recognise sentences, not to match question and passage; recipes/README.md).
+The WordPiece vocabulary and the masked-LM pre-training use the training topics' real text.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -173,28 +156,26 @@ def builtin_task(seed: int = 0, max_eval_questions: int = 500
 
 
 def train_wordpiece_vocab(lines: list[str], path: str, vocab_size: int = 4000) -> str:
-    """Trains a lower-cased BERT WordPiece vocabulary on ``lines``; writes ``path`` (vocab.txt)."""
-    import os
+    """Trains a lower-cased BERT WordPiece vocabulary on ``lines``; writes ``path`` (vocab.txt).
 
+    The same lines give the same file in every process (tests/test_recipes_bert.py checks it).
+    """
     from tokenizers import BertWordPieceTokenizer
 
     tokenizer = BertWordPieceTokenizer(lowercase=True)
+    # The trainer numbers each "##c" (c after a word's first letter) when it first meets it in a
+    # randomly seeded hash map, and breaks ties between equally frequent merges by those numbers.
+    # Special tokens are numbered first, in order: listing every "##c", sorted, fixes them all.
+    words = (w for line in lines for w, _ in
+             tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(line)))
+    continuations = sorted({"##" + c for w in words for c in w[1:]})
     tokenizer.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2,
-                                  special_tokens=list(SPECIAL_TOKENS))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    written = tokenizer.save_model(directory)
-    if os.path.abspath(written[0]) != os.path.abspath(path):
-        os.replace(written[0], path)
-    # The trainer orders equally frequent tokens differently from run to run; WordPiece does not
-    # depend on the ids, so a canonical order gives equal vocabularies equal ids. (It also breaks
-    # ties between equally frequent merges irreproducibly, so two fresh runs can still differ by a
-    # few tokens; a resumed run reuses its workdir's vocab.txt.)
-    with open(path, encoding="utf-8") as f:
-        tokens = f.read().splitlines()
-    special = [t for t in tokens if t in SPECIAL_TOKENS]
+                                  special_tokens=[*SPECIAL_TOKENS, *continuations])
+    # WordPiece does not depend on the ids: a canonical order (specials, then sorted) is tidier.
+    tokens = sorted(t for t in tokenizer.get_vocab() if t not in SPECIAL_TOKENS)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(special + sorted(t for t in tokens if t not in SPECIAL_TOKENS)) + "\n")
+        f.write("\n".join([*SPECIAL_TOKENS, *tokens]) + "\n")
     return path
 
 
@@ -214,7 +195,7 @@ def mask_tokens(rows: np.ndarray, rng: np.random.Generator, vocab_size: int, mas
                 special_ids: tuple[int, ...], pad_id: int, max_predictions: int,
                 mask_rate: float = 0.15) -> dict[str, np.ndarray]:
     """BERT's masking: 15% of the tokens are predicted; of those 80% become [MASK], 10% a random
-    token, 10% stay. Returns model inputs, ``masked_positions``, ``masked_ids``, ``masked_weights``."""
+    token, 10% stay. Model inputs and ``masked_positions``, ``masked_ids``, ``masked_weights``."""
     batch, length = rows.shape
     input_ids = rows.copy()
     positions = np.zeros((batch, max_predictions), np.int32)

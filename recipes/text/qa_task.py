@@ -1,11 +1,8 @@
 """Extractive question answering (BERT on SQuAD v1.1, or the built-in pydoc cloze task) as a task.
 
-Fine-tuning: AdamW (no decay on biases and LayerNorms), linear warm-up then linear decay, the
-mean of the start and end cross-entropies. Pruned (``bert.PRUNING_RULES``): every encoder Linear
-(query, key, value, attention output, intermediate, output) 2:4 along its input dimension. The
-headline is the official SQuAD v1.1 F1 (``squad.squad_v11_metric``), with exact match beside
-it. The built-in task first trains a WordPiece vocabulary and pre-trains a small BERT by masked
-LM on the text (the ``pretrain`` phase: the stand-in for Google's pre-trained checkpoint).
+Fine-tuning: AdamW (no decay on biases and LayerNorms), linear warm-up and decay, the mean of the
+start and end cross-entropies; headline: the official SQuAD v1.1 F1. The built-in task first
+trains a WordPiece vocabulary and pre-trains a small BERT by masked LM on the text (``pretrain``).
 """
 
 from __future__ import annotations
@@ -26,8 +23,76 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from recipes.engine import checkpointing, cli, workflow
-from recipes.text import bert, bert_configs, qa_data, squad
-from recipes.text.bert_configs import QAConfig
+from recipes.engine.workflow import WorkflowConfig
+from recipes.text import bert, qa_data, squad
+
+
+@dataclasses.dataclass(frozen=True)
+class QAConfig(WorkflowConfig):
+    """Everything a BERT question-answering run needs (every field settable with ``--set``)."""
+
+    # Model: a named size (bert.SIZES), or the checkpoint's own config with `checkpoint`.
+    size: str = "large"
+    hidden_size: int = -1  # > 0: override the size's (built-in task)
+    num_layers: int = -1
+    num_heads: int = -1
+    intermediate_size: int = -1
+    dropout: float = -1.0  # >= 0: override hidden and attention dropout
+    initializer_range: float = -1.0  # > 0: std of the initial weights (BERT: 0.02)
+    # Data. SQuAD JSON files, or the built-in pydoc task when both are None.
+    train_file: str | None = None
+    predict_file: str | None = None
+    checkpoint: str | None = None  # Hugging Face pre-trained BERT directory
+    vocab_size: int = 4000  # built-in task: WordPiece vocabulary trained on the text
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best: int = 20
+    max_answer_length: int = 30
+    max_train_examples: int = -1  # > 0: the first questions only (smoke runs)
+    max_eval_examples: int = -1
+    # Masked-LM pre-training (built-in task only).
+    pretrain_steps: int = 0
+    pretrain_batch_size: int = 64
+    pretrain_learning_rate: float = 1e-3
+    max_predictions: int = 20
+    # Fine-tuning, the same schedule for the dense and the masked phase (Google's SQuAD recipe
+    # for BERT-Large: batch 24, lr 3e-5, 2 epochs, 10% warmup; AdamW weight decay 0.01).
+    batch_size: int = 24
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    num_epochs: float = 2.0
+    # Bookkeeping.
+    eval_batch_size: int = 64
+    log_every_steps: int = 50
+
+    @property
+    def builtin(self) -> bool:
+        return self.train_file is None and self.predict_file is None
+
+
+def builtin_config() -> QAConfig:
+    """The default: a 2-layer, 64-wide BERT on the pydoc task, about 6 minutes on 2 cores: fresh
+    questions every step, so steps, not epochs; float32 (bf16 is no faster on the CPU)."""
+    return QAConfig(
+        size="tiny", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+        dropout=0.0, compute_dtype="float32", max_seq_length=64, doc_stride=16,
+        max_query_length=32, pretrain_steps=1000, pretrain_batch_size=32,
+        pretrain_learning_rate=1e-3, batch_size=64, learning_rate=2e-3, num_train_steps=2000,
+        eval_batch_size=128, log_every_steps=50, checkpoint_every_steps=500)
+
+
+def smoke_config(base: QAConfig) -> QAConfig:
+    """A tiny model and a few steps that run every code path (bf16 compute, as at full scale)."""
+    return base.replace(
+        compute_dtype="bfloat16",
+        hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=1000,
+        max_seq_length=64, doc_stride=24, max_query_length=24,
+        pretrain_steps=4 if base.builtin else 0, pretrain_batch_size=8, batch_size=8,
+        eval_batch_size=16, num_train_steps=4,
+        max_train_examples=64, max_eval_examples=24, log_every_steps=2, checkpoint_every_steps=4,
+        control=True, progress_bar=False)
 
 
 def model_config(config: QAConfig, base: bert.BertConfig | None = None) -> bert.BertConfig:
@@ -74,7 +139,8 @@ def load_task(config: QAConfig, workdir: str, vocab_path: str | None) -> QAData:
             qa_data.train_wordpiece_vocab(text, vocab_path, config.vocab_size)
         name = "pydoc_cloze_qa"
     else:
-        for flag, path in (("--train-file", config.train_file), ("--predict-file", config.predict_file)):
+        for flag, path in (("--train-file", config.train_file),
+                           ("--predict-file", config.predict_file)):
             if path is None or not os.path.exists(path):
                 raise FileNotFoundError(f"{flag} {path}: no such SQuAD v1.1 JSON file")
         if vocab_path is None:
@@ -191,20 +257,21 @@ def make_logits_fn(graphdef, mesh: Mesh) -> Callable:
 
 def evaluate(logits_fn: Callable, params, task: QAData, config: QAConfig, mesh: Mesh) -> dict:
     """F1 / exact match of the held-out questions (windows -> logits -> n-best spans -> text)."""
-    features = task.eval_features
-    inputs = {k: v for k, v in features.arrays().items()
-              if k in ("input_ids", "token_type_ids", "attention_mask")}
+    features, size = task.eval_features, config.eval_batch_size
     starts, ends = [], []
-    for batch in squad.batches(inputs, config.eval_batch_size):
-        count = int(batch.pop("weight").sum())
+    for begin in range(0, len(features), size):
+        rows = np.arange(begin, begin + size)
+        rows[rows >= len(features)] = 0  # a full last batch; its padding rows are dropped below
+        batch = {k: getattr(features, k)[rows]
+                 for k in ("input_ids", "token_type_ids", "attention_mask")}
         start, end = jax.device_get(logits_fn(params, workflow.shard_batch(batch, mesh)))
-        starts.append(start[:count])
-        ends.append(end[:count])
+        starts.append(start[:len(features) - begin])
+        ends.append(end[:len(features) - begin])
     predictions, _ = squad.decode_predictions(task.eval_examples, features, np.concatenate(starts),
                                               np.concatenate(ends), config.n_best,
                                               config.max_answer_length)
     scores = squad.squad_v11_metric(task.eval_examples, predictions)
-    return {**scores, "count": len(task.eval_examples), "predictions": predictions}
+    return {**scores, "count": len(task.eval_examples)}
 
 
 def _epoch_batch(arrays: dict[str, np.ndarray], batch_size: int, seed: int, step: int):
@@ -239,9 +306,8 @@ def _load_fine_tuned(source: str, like: dict) -> tuple[dict, str]:
 
 
 def export_onnx(mcfg: bert.BertConfig, params, max_seq_length: int, path: str) -> None:
-    """Writes the span-prediction model to ONNX: float32 (TensorRT picks its own precision), eval
-    mode, inputs ``input_ids``, ``token_type_ids``, ``attention_mask`` of ``[1, max_seq_length]``
-    int32; outputs start and end logits."""
+    """The span model as float32 ONNX: int32 ``[1, max_seq_length]`` inputs ``input_ids``,
+    ``token_type_ids``, ``attention_mask``; outputs the start and end logits."""
     import sparse_jax.export  # needs the export extra (jax2onnx)
 
     graphdef, _ = nnx.split(bert.BertForQuestionAnswering(mcfg, jnp.float32, nnx.Rngs(0)),
@@ -261,7 +327,7 @@ class QuestionAnsweringTask(workflow.Task):
     percent = False
     outputs = ("vocab.txt", "sparse_model")
     pruning_rules = bert.PRUNING_RULES
-    config_name = "recipes/text/bert_configs.py"
+    config_name = "recipes/text/qa_task.py QAConfig"
     set_example = "--set max_seq_length=512"
     control_help = "off by default"
     options = (
@@ -294,10 +360,10 @@ class QuestionAnsweringTask(workflow.Task):
         if not squad_run and args.epochs is not None:
             raise SystemExit("--epochs: the built-in task makes fresh questions every step, so it "
                              "has no epochs; give --steps N")
-        config = bert_configs.squad_config() if squad_run else bert_configs.builtin_config()
+        config = QAConfig() if squad_run else builtin_config()  # QAConfig(): BERT-Large, SQuAD
         return config.replace(train_file=args.train_file, predict_file=args.predict_file)
 
-    smoke_config = staticmethod(bert_configs.smoke_config)
+    smoke_config = staticmethod(smoke_config)
 
     @staticmethod
     def dataset_of(args: argparse.Namespace) -> str:
@@ -309,7 +375,8 @@ class QuestionAnsweringTask(workflow.Task):
             raise ValueError(f"pretrain_batch_size {config.pretrain_batch_size} must be a "
                              f"multiple of the {mesh.size} devices")
         # The architecture: a Hugging Face checkpoint's config, or a named size.
-        hf_dir = config.checkpoint or (config.init_from if is_hf_checkpoint(config.init_from) else None)
+        hf_dir = config.checkpoint or (config.init_from if is_hf_checkpoint(config.init_from)
+                                       else None)
         hf_config, self.hf_state, vocab_path = None, None, None
         if hf_dir:
             hf_config, self.hf_state, vocab_path = bert.load_hf_checkpoint(hf_dir)
@@ -339,7 +406,8 @@ class QuestionAnsweringTask(workflow.Task):
         if config.num_train_steps > 0:
             self.steps = config.num_train_steps
         elif data.train_features is not None:
-            self.steps = max(1, int(config.num_epochs * len(data.train_features) // config.batch_size))
+            self.steps = max(1, int(config.num_epochs * len(data.train_features)
+                                    // config.batch_size))
         else:
             raise ValueError("the built-in task makes fresh questions every step, so epochs mean "
                              "nothing: set num_train_steps (--set num_train_steps=N)")
@@ -350,12 +418,13 @@ class QuestionAnsweringTask(workflow.Task):
             training = (f"fresh cloze questions on random-word passages every step ("
                         f"{self.steps * config.batch_size:,} per phase)")
         else:
-            training = (f"{len(data.train_examples):,} training questions ({len(data.train_features):,}"
-                        f" windows of {config.max_seq_length} tokens, stride {config.doc_stride})")
+            training = (f"{len(data.train_examples):,} training questions ("
+                        f"{len(data.train_features):,} windows of {config.max_seq_length} tokens, "
+                        f"stride {config.doc_stride})")
         wf.print(f"{data.name}: {training}, {len(data.eval_examples):,} held-out questions; "
-                 f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch {config.batch_size}, "
-                 f"{self.steps} steps per phase, lr {config.learning_rate:g}, compute "
-                 f"{config.compute_dtype}")
+                 f"{mesh.size} {mesh.devices.flat[0].platform} device(s), batch "
+                 f"{config.batch_size}, {self.steps} steps per phase, lr "
+                 f"{config.learning_rate:g}, compute {config.compute_dtype}")
         self.logits_fn = make_logits_fn(self.graphdef, mesh)
         if data.train_stream is None:
             self.train_arrays = data.train_features.arrays()
@@ -372,31 +441,32 @@ class QuestionAnsweringTask(workflow.Task):
                                          init_rngs(config.seed))
             graphdef, mlm_params = nnx.split(model, nnx.Param)
             mlm_params = nnx.to_pure_dict(mlm_params)
-            tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-                learning_rate_schedule(config.pretrain_learning_rate, config.pretrain_steps, 0.1),
-                b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, mask=_decay_mask))
+            tx = create_optimizer(config.pretrain_learning_rate, 0.01, config.pretrain_steps, 0.1)
             tokenizer = self.data.tokenizer
             rows = qa_data.mlm_sequences(self.data.pretrain_text, tokenizer, config.max_seq_length)
-            ids = {t: tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
+            ids = {t: tokenizer.token_to_id(t) for t in qa_data.SPECIAL_TOKENS}
 
             def next_batch(step: int) -> dict:
                 chosen = _epoch_batch({"rows": rows}, config.pretrain_batch_size, config.seed,
                                       step)["rows"]
-                return qa_data.mask_tokens(chosen, np.random.default_rng([config.seed, 7, step]),
-                                           tokenizer.get_vocab_size(), ids["[MASK]"],
-                                           tuple(ids.values()), ids["[PAD]"], config.max_predictions)
+                return qa_data.mask_tokens(
+                    chosen, np.random.default_rng([config.seed, 7, step]),
+                    tokenizer.get_vocab_size(), ids["[MASK]"], tuple(ids.values()), ids["[PAD]"],
+                    config.max_predictions)
 
             wf.print(f"[pretrain] masked LM on {len(rows)} sequences of {config.max_seq_length} "
                      f"tokens, {config.pretrain_steps} steps of {config.pretrain_batch_size}")
             mlm_state = {"params": mlm_params, "opt_state": tx.init(mlm_params)}
             mlm_state, _ = workflow.run_phase(
-                wf, "pretrain", mlm_state, self._with_rng(_make_train_step(graphdef, tx, wf.mesh, masked_lm_loss)),
+                wf, "pretrain", mlm_state,
+                self._with_rng(_make_train_step(graphdef, tx, wf.mesh, masked_lm_loss)),
                 workflow.StepBatches(next_batch), config.pretrain_steps, None, resume)
             params["bert"] = mlm_state["params"]["bert"]
             self.extra_steps["pretrain"] = config.pretrain_steps
         elif self.hf_state is not None and not config.init_from:
             params, notes = bert.params_from_hf(self.hf_state, params)
-            wf.print(f"[dense] pre-trained weights from {self.hf_dir}" + "".join(f"; {n}" for n in notes))
+            wf.print(f"[dense] pre-trained weights from {self.hf_dir}"
+                     + "".join(f"; {n}" for n in notes))
         self.hf_state = None
         return {"params": params}
 
@@ -423,9 +493,7 @@ class QuestionAnsweringTask(workflow.Task):
                                                               self.config.batch_size, seed, step))
 
     def evaluate(self, state: dict[str, Any], phase: str) -> dict[str, Any]:
-        result = evaluate(self.logits_fn, state["params"], self.data, self.config, self.wf.mesh)
-        result.pop("predictions")
-        return result
+        return evaluate(self.logits_fn, state["params"], self.data, self.config, self.wf.mesh)
 
     def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
         return {"split": "eval", "loss": None, "metric": result["f1"] / 100,
@@ -439,7 +507,8 @@ class QuestionAnsweringTask(workflow.Task):
         return {"params": params}, description
 
     def extra_results(self, evals):
-        return {"exact_match": {k: None if v is None else v["exact_match"] for k, v in evals.items()},
+        exact = {k: None if v is None else v["exact_match"] for k, v in evals.items()}
+        return {"exact_match": exact,
                 "batch_size": self.config.batch_size, "eval_questions": evals["sparse"]["count"]}
 
     def table_rows(self, results):
@@ -454,11 +523,6 @@ class QuestionAnsweringTask(workflow.Task):
 
     def export_onnx(self, state, path: str) -> None:
         export_onnx(self.mcfg, state["params"], self.config.max_seq_length, path)
-
-
-def train_and_evaluate(config: QAConfig, workdir: str, **kwargs) -> dict[str, Any]:
-    """The workflow with this task (``workflow.train_and_evaluate``)."""
-    return workflow.train_and_evaluate(QuestionAnsweringTask, config, workdir, **kwargs)
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:

@@ -1,16 +1,8 @@
-"""SQuAD v1.1 for extractive question answering: examples, feature windows, span decoding, metric.
+"""SQuAD v1.1: examples, doc-stride feature windows, n-best span decoding, the official metric.
 
-* ``load_squad_json``: the official ``train-v1.1.json`` / ``dev-v1.1.json`` layout.
-* ``make_features``: ``[CLS] question [SEP] context window [SEP]`` windows of ``max_seq_length``
-  tokens; a context longer than one window is cut into windows that start every ``doc_stride``
-  context tokens (BERT's reference: 384 and 128). Every context token keeps its character span in
-  the context, so a predicted token span maps back to the exact characters.
-* ``decode_predictions``: the ``n_best`` start and end logits of every window, spans of at most
-  ``max_answer_length`` tokens inside the context, scored by start + end logit; a token seen in
-  several windows only counts in the window where it has the most context on both sides.
-* ``squad_v11_metric``: the official v1.1 exact match and F1 (lower case, no punctuation, no
-  articles a/an/the, collapsed white space; bag-of-tokens F1), maximum over the reference answers,
-  averaged over questions, in percent.
+Windows are ``[CLS] question [SEP] context window [SEP]`` (BERT's reference: 384 tokens, stride
+128); every context token keeps its character span, so a predicted span maps back to the exact
+characters of the context.
 """
 
 from __future__ import annotations
@@ -20,13 +12,9 @@ import dataclasses
 import json
 import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
-# ---------------------------------------------------------------------------------------------
-# Examples
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +55,6 @@ def load_squad_json(path: str) -> list[Example]:
     return examples
 
 
-# ---------------------------------------------------------------------------------------------
-# The official v1.1 metric
-# ---------------------------------------------------------------------------------------------
-
-
 def normalize_answer(text: str) -> str:
     """Lower case, drop punctuation, drop the articles a/an/the, collapse white space."""
     text = text.lower()
@@ -98,10 +81,8 @@ def f1_score(prediction: str, reference: str) -> float:
 
 
 def squad_v11_metric(examples: Sequence[Example], predictions: dict[str, str]) -> dict[str, float]:
-    """``{"exact_match", "f1"}`` in percent; each question scores its best reference answer.
-
-    A question without a prediction scores 0 (as the official script, which also warns).
-    """
+    """``{"exact_match", "f1"}`` in percent, each question scored by its best reference answer
+    (0 without a prediction, as in the official script)."""
     if not examples:
         raise ValueError("no examples to score")
     exact, f1 = 0.0, 0.0
@@ -116,20 +97,14 @@ def squad_v11_metric(examples: Sequence[Example], predictions: dict[str, str]) -
     return {"exact_match": 100.0 * exact / len(examples), "f1": 100.0 * f1 / len(examples)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Feature windows
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class Features:
-    """Model inputs of all windows (arrays of ``[num_windows, max_seq_length]``) and their maps.
+    """Model inputs of all windows (``[num_windows, max_seq_length]``) and their maps.
 
-    ``token_char_spans[i][t]`` is the ``(start, end)`` character span in the context of token
-    ``t`` of window ``i``, or ``None`` for question, special and padding tokens;
-    ``token_is_max_context[i][t]`` says whether window ``i`` is the one where that context token
-    has the most context. ``start_positions``/``end_positions`` are the answer's first and last
-    token in the window, or 0 (``[CLS]``) when the answer is not wholly inside it.
+    ``token_char_spans[i][t]``: the context characters of token ``t`` of window ``i`` (``None``
+    outside the context); ``token_is_max_context[i][t]``: whether window ``i`` gives that token
+    the most context. ``start/end_positions``: the answer's tokens, or 0 (``[CLS]``) if it is not
+    wholly inside the window.
     """
 
     input_ids: np.ndarray
@@ -145,9 +120,8 @@ class Features:
         return len(self.input_ids)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.input_ids, "token_type_ids": self.token_type_ids,
-                "attention_mask": self.attention_mask, "start_positions": self.start_positions,
-                "end_positions": self.end_positions}
+        return {k: getattr(self, k) for k in ("input_ids", "token_type_ids", "attention_mask",
+                                              "start_positions", "end_positions")}
 
 
 def window_starts(num_tokens: int, window: int, doc_stride: int) -> list[int]:
@@ -174,20 +148,12 @@ def _max_context_window(starts: list[int], window: int, num_tokens: int, token: 
 
 
 def make_features(examples: Sequence[Example], tokenizer, max_seq_length: int = 384,
-                  doc_stride: int = 128, max_query_length: int = 64,
-                  cls_id: int | None = None, sep_id: int | None = None,
-                  pad_id: int | None = None) -> Features:
-    """Tokenises and windows ``examples`` (see the module docstring).
-
-    ``tokenizer`` is a ``tokenizers.Tokenizer`` (e.g. ``bert_tokenizer(vocab.txt)``) whose
-    ``encode(text, add_special_tokens=False)`` gives ids and character offsets.
-    """
+                  doc_stride: int = 128, max_query_length: int = 64) -> Features:
+    """Tokenises (``bert_tokenizer``) and windows ``examples`` (see the module docstring)."""
     if doc_stride > max_seq_length - max_query_length - 3:
         raise ValueError(f"doc_stride {doc_stride} leaves gaps: a window holds at most "
                          f"{max_seq_length - max_query_length - 3} context tokens")
-    cls_id = tokenizer.token_to_id("[CLS]") if cls_id is None else cls_id
-    sep_id = tokenizer.token_to_id("[SEP]") if sep_id is None else sep_id
-    pad_id = tokenizer.token_to_id("[PAD]") if pad_id is None else pad_id
+    cls_id, sep_id, pad_id = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
     if None in (cls_id, sep_id, pad_id):
         raise ValueError("the vocabulary lacks [CLS], [SEP] or [PAD]")
     columns = collections.defaultdict(list)
@@ -233,11 +199,6 @@ def make_features(examples: Sequence[Example], tokenizer, max_seq_length: int = 
     return Features(**as_array, token_char_spans=spans_all, token_is_max_context=max_context_all)
 
 
-# ---------------------------------------------------------------------------------------------
-# Span decoding
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     text: str
@@ -246,21 +207,21 @@ class Candidate:
     end_char: int
 
 
-def decode_predictions(examples: Sequence[Example], features: Features,
-                       start_logits: np.ndarray, end_logits: np.ndarray, n_best: int = 20,
-                       max_answer_length: int = 30) -> tuple[dict[str, str], dict[str, list[Candidate]]]:
-    """Best answer text per question, and its ``n_best`` candidates (best first)."""
-    start_logits, end_logits = np.asarray(start_logits, np.float32), np.asarray(end_logits, np.float32)
+def decode_predictions(examples: Sequence[Example], features: Features, start_logits: np.ndarray,
+                       end_logits: np.ndarray, n_best: int = 20, max_answer_length: int = 30
+                       ) -> tuple[dict[str, str], dict[str, list[Candidate]]]:
+    """Best answer text per question, and its ``n_best`` candidates (best first): spans of at
+    most ``max_answer_length`` context tokens among each window's ``n_best`` start and end logits,
+    starting where the window gives the token the most context, scored by start + end logit."""
+    start_logits = np.asarray(start_logits, np.float32)
+    end_logits = np.asarray(end_logits, np.float32)
     if start_logits.shape != features.input_ids.shape or end_logits.shape != start_logits.shape:
         raise ValueError(f"logits of shape {start_logits.shape} / {end_logits.shape} for "
                          f"features of shape {features.input_ids.shape}")
-    by_example = collections.defaultdict(list)
-    for i, example_index in enumerate(features.example_index):
-        by_example[int(example_index)].append(i)
     best, nbest = {}, {}
     for example_index, example in enumerate(examples):
         candidates = []
-        for i in by_example.get(example_index, []):
+        for i in np.flatnonzero(features.example_index == example_index):
             spans, is_max = features.token_char_spans[i], features.token_is_max_context[i]
             top_starts = np.argsort(-start_logits[i])[:n_best]
             top_ends = np.argsort(-end_logits[i])[:n_best]
@@ -274,24 +235,17 @@ def decode_predictions(examples: Sequence[Example], features: Features,
                     candidates.append(Candidate(example.context[start_char:end_char],
                                                 float(start_logits[i, s] + end_logits[i, e]),
                                                 start_char, end_char))
-        candidates.sort(key=lambda c: -c.score)
         # The same characters can come from two windows; keep the best-scored copy.
-        unique, seen = [], set()
-        for c in candidates:
-            if (c.start_char, c.end_char) not in seen:
-                seen.add((c.start_char, c.end_char))
-                unique.append(c)
+        unique = {}
+        for c in sorted(candidates, key=lambda c: -c.score):
+            unique.setdefault((c.start_char, c.end_char), c)
+        unique = list(unique.values())
         nbest[example.qas_id] = unique[:n_best]
         best[example.qas_id] = unique[0].text if unique else ""
     return best, nbest
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokeniser
-# ---------------------------------------------------------------------------------------------
-
-
-def bert_tokenizer(vocab_path: str, lowercase: bool = True):
+def bert_tokenizer(vocab_path: str):
     """A WordPiece ``tokenizers.Tokenizer`` from a BERT ``vocab.txt`` (BERT's normaliser, no
     special tokens added by ``encode``)."""
     import os
@@ -303,26 +257,7 @@ def bert_tokenizer(vocab_path: str, lowercase: bool = True):
     tokenizer = Tokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]",
                                                      max_input_chars_per_word=100))
     tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                      strip_accents=None, lowercase=lowercase)
+                                                      strip_accents=None, lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
     return tokenizer
-
-
-def batches(arrays: dict[str, np.ndarray], batch_size: int, *, shuffle_seed: int | None = None,
-            drop_remainder: bool = False) -> Iterable[dict[str, np.ndarray]]:
-    """Batches of the rows of ``arrays``; the last short batch is padded (``"weight"`` 0) unless
-    dropped."""
-    count = len(next(iter(arrays.values())))
-    order = np.arange(count)
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(count)
-    for begin in range(0, count, batch_size):
-        rows = order[begin:begin + batch_size]
-        if len(rows) < batch_size and drop_remainder:
-            return
-        weight = np.ones(batch_size, np.float32)
-        if len(rows) < batch_size:
-            weight[len(rows):] = 0
-            rows = np.concatenate([rows, np.zeros(batch_size - len(rows), rows.dtype)])
-        yield {**{k: v[rows] for k, v in arrays.items()}, "weight": weight}

@@ -1,27 +1,12 @@
-"""The encoder-decoder Transformer of fairseq's ``transformer_vaswani_wmt_en_de_big``, in Flax NNX.
+"""fairseq's encoder-decoder Transformer (``transformer_vaswani_wmt_en_de_big``) in Flax NNX.
 
-Architecture (Vaswani et al. 2017, as fairseq builds it):
-
-- one token embedding shared by the encoder input, the decoder input and the output projection
-  (fairseq's ``--share-all-embeddings``), scaled by ``sqrt(d_model)``, plus sinusoidal positions
-  (no parameters);
-- ``encoder_layers`` layers of self-attention + ReLU feed-forward, ``decoder_layers`` layers of
-  causal self-attention + encoder-decoder attention + feed-forward;
-- post-norm residual blocks (``x = LayerNorm(x + sublayer(x))``), fairseq's default for this
-  architecture (``normalize_before=False``); ``normalize_before=True`` gives pre-norm blocks and
-  a final LayerNorm after each stack, as fairseq does;
-- every projection is an ``nnx.Linear`` with a bias and an ``(in, out)`` kernel: ``q_proj``,
-  ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``. Their reduction (input) axis is axis 0,
-  the axis 2:4 pruning groups run along.
-
-``big`` is ``d_model`` 1024, FFN 4096, 16 heads, dropout 0.3; ``base`` is 512 / 2048 / 8 heads,
-dropout 0.1; both 6 + 6 layers. With a 32,768-token joint vocabulary ``big`` has 209,911,808
-parameters (tests/test_recipes_transformer.py derives the figure from the architecture).
-
-Decoding: ``encode`` once, then ``decode_step`` one token at a time with a key/value cache
-(``init_cache``): self-attention keys and values of earlier positions are stored, and the
-encoder-side keys and values of every cross-attention are computed once. ``decode`` runs the
-whole target at once (training, and the reference the cached path is tested against).
+As fairseq builds it: one token embedding shared by encoder, decoder and the output projection
+(``--share-all-embeddings``), scaled by ``sqrt(d_model)``, plus sinusoidal positions; post-norm
+blocks (``normalize_before=True``: pre-norm with a final LayerNorm per stack); ReLU feed-forward.
+Every projection (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``fc1``, ``fc2``) is an
+``nnx.Linear`` with an ``(in, out)`` kernel, so 2:4 groups run along axis 0. ``big`` at a
+32,768-token vocabulary has 209,911,808 parameters. ``decode_step`` decodes one token at a time
+with a key/value cache (``init_cache``); ``decode`` runs the whole target (training).
 """
 
 from __future__ import annotations
@@ -64,12 +49,9 @@ class TransformerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-# fairseq's architectures (fairseq/models/transformer/transformer_legacy.py).
-BIG = dict(d_model=1024, ffn_dim=4096, num_heads=16, encoder_layers=6, decoder_layers=6,
-           dropout=0.3)  # transformer_vaswani_wmt_en_de_big
-BASE = dict(d_model=512, ffn_dim=2048, num_heads=8, encoder_layers=6, decoder_layers=6,
-            dropout=0.1)  # transformer_wmt_en_de
-SIZES = {"big": BIG, "base": BASE}
+# fairseq's transformer_vaswani_wmt_en_de_big and transformer_wmt_en_de (transformer_legacy.py).
+SIZES = {"big": dict(d_model=1024, ffn_dim=4096, num_heads=16, dropout=0.3),
+         "base": dict(d_model=512, ffn_dim=2048, num_heads=8, dropout=0.1)}
 
 
 def transformer_config(size: str, vocab_size: int, **overrides) -> TransformerConfig:
@@ -80,9 +62,10 @@ def transformer_config(size: str, vocab_size: int, **overrides) -> TransformerCo
 
 
 def sinusoidal_positions(length: int, dim: int, offset: Any = 0) -> jax.Array:
-    """fairseq's sinusoidal table: ``[sin(p * f_i) | cos(p * f_i)]``, ``f_i = 10000^(-i/(d/2-1))``."""
+    """fairseq's sinusoidal table ``[sin(p * f_i) | cos(p * f_i)]``, ``f_i = 10000^(-i/(d/2-1))``"""
     half = dim // 2
-    frequencies = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / max(half - 1, 1)))
+    step = -(math.log(10000.0) / max(half - 1, 1))
+    frequencies = jnp.exp(jnp.arange(half, dtype=jnp.float32) * step)
     positions = (jnp.arange(length, dtype=jnp.float32) + offset)[:, None] * frequencies[None, :]
     return jnp.concatenate([jnp.sin(positions), jnp.cos(positions)], axis=-1)
 
@@ -109,7 +92,7 @@ def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class MultiHeadAttention(nnx.Module):
-    """Scaled dot-product attention over ``num_heads`` heads; ``q/k/v/out_proj`` are ``(in, out)``."""
+    """Scaled dot-product attention over ``num_heads`` heads."""
 
     def __init__(self, d_model: int, num_heads: int, dropout: float, dtype, rngs: nnx.Rngs):
         self.num_heads, self.head_dim, self.dropout = num_heads, d_model // num_heads, dropout
@@ -127,7 +110,7 @@ class MultiHeadAttention(nnx.Module):
 
     def attend(self, x: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
                drop: _DropoutKeys) -> jax.Array:
-        """Queries from ``x (B, T, d)``; ``mask (B, 1|heads, T, S)`` is True where attention is allowed."""
+        """Queries from ``x (B, T, d)``; ``mask (B, 1|heads, T, S)`` True where attention goes."""
         queries = self._heads(self.q_proj(x)) * (self.head_dim ** -0.5)
         scores = jnp.einsum("bthd,bshd->bhts", queries, keys).astype(jnp.float32)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -194,7 +177,7 @@ class DecoderLayer(_Sublayers):
         self.final_layer_norm = _layer_norm(cfg.d_model, dtype, rngs)
 
     def __call__(self, x, self_kv, self_mask, cross_kv, cross_mask, drop: _DropoutKeys):
-        """``self_kv``: a function of the (normed) input giving this layer's self-attention keys/values."""
+        """``self_kv``: (normed) input -> this layer's self-attention keys and values."""
         def self_attention(h):
             keys, values = self_kv(h)
             return self.self_attn.attend(h, keys, values, self_mask, drop)
@@ -222,8 +205,6 @@ class Transformer(nnx.Module):
             self.encoder_layer_norm = _layer_norm(cfg.d_model, dtype, rngs)
             self.decoder_layer_norm = _layer_norm(cfg.d_model, dtype, rngs)
 
-    # -- shared pieces ------------------------------------------------------------------------
-
     def _embed(self, tokens: jax.Array, offset: Any, drop: _DropoutKeys) -> jax.Array:
         x = self.embed_tokens(tokens) * math.sqrt(self.cfg.d_model)
         x = x + sinusoidal_positions(tokens.shape[1], self.cfg.d_model, offset).astype(x.dtype)
@@ -233,8 +214,6 @@ class Transformer(nnx.Module):
         if self.cfg.normalize_before:
             x = self.decoder_layer_norm(x)
         return self.embed_tokens.attend(x).astype(jnp.float32)  # the tied output projection
-
-    # -- encoder ------------------------------------------------------------------------------
 
     def encode(self, src: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """``src (B, S)`` int tokens (``pad_id`` padded) -> encoder states ``(B, S, d)``."""
@@ -246,8 +225,6 @@ class Transformer(nnx.Module):
         if self.cfg.normalize_before:
             x = self.encoder_layer_norm(x)
         return x
-
-    # -- decoder, whole sequence --------------------------------------------------------------
 
     def decode(self, prev_tokens: jax.Array, encoded: jax.Array, src: jax.Array,
                dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -267,19 +244,13 @@ class Transformer(nnx.Module):
         enc_rng, dec_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         return self.decode(prev_tokens, self.encode(src, enc_rng), src, dec_rng)
 
-    # -- decoder, one token at a time ---------------------------------------------------------
-
     def init_cache(self, encoded: jax.Array, src: jax.Array, max_length: int) -> dict[str, Any]:
-        """The decoding cache for ``max_length`` target positions of a batch of sources.
-
-        ``self_k``/``self_v`` ``(B, layers, max_length, heads, head_dim)`` fill up as tokens are
-        decoded; ``cross_k``/``cross_v`` hold every layer's projection of the encoder states.
-        Every leaf has the batch first, so that beam search can reorder the rows.
-        """
-        batch, heads, head_dim = encoded.shape[0], self.cfg.num_heads, self.cfg.d_model // self.cfg.num_heads
+        """The cache for ``max_length`` target positions: ``self_k``/``self_v`` fill up as tokens
+        are decoded, ``cross_k``/``cross_v`` hold the encoder side; every leaf batch first."""
+        heads = self.cfg.num_heads
         cross = [layer.encoder_attn.keys_values(encoded) for layer in self.decoder_layers]
-        empty = jnp.zeros((batch, len(self.decoder_layers), max_length, heads, head_dim),
-                          encoded.dtype)
+        empty = jnp.zeros((encoded.shape[0], len(self.decoder_layers), max_length, heads,
+                           self.cfg.d_model // heads), encoded.dtype)
         return {"self_k": empty, "self_v": empty,
                 "cross_k": jnp.stack([k for k, _ in cross], axis=1),
                 "cross_v": jnp.stack([v for _, v in cross], axis=1),
@@ -287,7 +258,7 @@ class Transformer(nnx.Module):
 
     def decode_step(self, tokens: jax.Array, position: Any,
                     cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
-        """``tokens (B,)`` at target ``position`` -> next-token logits ``(B, vocab)`` and the new cache."""
+        """``tokens (B,)`` at target ``position`` -> next-token logits ``(B, vocab)``, new cache."""
         drop = _DropoutKeys(None)
         max_length = cache["self_k"].shape[2]
         self_mask = (jnp.arange(max_length) <= position)[None, None, None, :]
@@ -296,18 +267,16 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for index, layer in enumerate(self.decoder_layers):
             def cached_kv(h, index=index, layer=layer):
-                keys, values = layer.self_attn.keys_values(h)  # (B, 1, heads, head_dim)
-                at = (0, position, 0, 0)
-                keys = jax.lax.dynamic_update_slice(cache["self_k"][:, index], keys.astype(
-                    cache["self_k"].dtype), at)
-                values = jax.lax.dynamic_update_slice(cache["self_v"][:, index], values.astype(
-                    cache["self_v"].dtype), at)
+                projected = layer.self_attn.keys_values(h)  # (B, 1, heads, head_dim) each
+                keys, values = (jax.lax.dynamic_update_slice(
+                    cache[name][:, index], new.astype(cache[name].dtype), (0, position, 0, 0))
+                    for name, new in zip(("self_k", "self_v"), projected))
                 new_k.append(keys)
                 new_v.append(values)
                 return keys, values
 
-            x = layer(x, cached_kv, self_mask, (cache["cross_k"][:, index], cache["cross_v"][:, index]),
-                      cross_mask, drop)
+            cross_kv = (cache["cross_k"][:, index], cache["cross_v"][:, index])
+            x = layer(x, cached_kv, self_mask, cross_kv, cross_mask, drop)
         cache = {**cache, "self_k": jnp.stack(new_k, axis=1), "self_v": jnp.stack(new_v, axis=1)}
         return self._output_logits(x)[:, 0], cache
 

@@ -1,28 +1,11 @@
 """Parallel text, a joint sentencepiece BPE model, and length-bucketed token batches (grain).
 
-Full scale (``--data-dir``): plain-text parallel files, one sentence per line, aligned by line:
-
-    <data-dir>/train.en  train.de     WMT14 EN-DE training text (about 4.5M pairs)
-    <data-dir>/valid.en  valid.de     newstest2013 (validation loss)
-    <data-dir>/test.en   test.de      newstest2014 (BLEU)
-    <data-dir>/spm.model              optional: a sentencepiece model to use instead of training one
-
-Built in (no download): English sentences from the Python documentation that Python itself ships
-(``pydoc_data.topics``), "translated" into a made-up target language: the same text with every
-ASCII letter ROT13-enciphered (``a``<->``n``, ``b``<->``o``, ...; ``"Hello, world!"`` ->
-``"Uryyb, jbeyq!"``). It is a deterministic letter cipher of English, not a natural language:
-one joint BPE model cuts both sides into pieces (not always at the same places), so a model has
-to learn the mapping between the two sides' pieces and to follow the source, which makes the
-dense / one-shot / retrained comparison meaningful on a CPU in minutes; its BLEU is not
-comparable to WMT BLEU.
-(A harder variant that also swapped adjacent words reached only ~30 BLEU in the same budget.)
-
-Sentences become ``sentencepiece`` pieces of one joint BPE model trained on both sides of the
-training text (``pad`` 0, ``unk`` 1, ``bos`` 2, ``eos`` 3). Training batches hold about
-``max_tokens`` tokens: each pair goes to the smallest length bucket that fits it, the pairs of a
-bucket are shuffled and cut into batches of ``max_tokens // bucket`` rows, and the batches are
-shuffled, anew each epoch. The batch stream is a ``grain.MapDataset`` whose iterator state is
-saved with every checkpoint.
+Full scale (``--data-dir``): ``{train,valid,test}.{en,de}`` plain-text files, one sentence per
+line, aligned by line (and optionally ``spm.model``). Built in: English prose of
+``pydoc_data.topics`` "translated" into its ROT13 cipher (``"Hello, world!"`` -> ``"Uryyb,
+jbeyq!"``), a made-up target language (recipes/README.md). Pieces: ``pad`` 0, ``unk`` 1, ``bos``
+2, ``eos`` 3. Training batches hold about ``max_tokens`` tokens: each pair goes to the smallest
+length bucket that holds it; buckets and batches are shuffled anew each epoch.
 """
 
 from __future__ import annotations
@@ -34,7 +17,6 @@ import os
 import re
 import textwrap
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -42,13 +24,8 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPLITS = ("train", "valid", "test")
 
 
-# ---------------------------------------------------------------------------------------------
-# The built-in task
-# ---------------------------------------------------------------------------------------------
-
-
 def builtin_sentences(min_words: int = 3, max_words: int = 40) -> list[str]:
-    """Unique English prose sentences of ``pydoc_data.topics`` (code blocks and grammar left out)."""
+    """Unique English prose sentences of ``pydoc_data.topics`` (no code blocks or grammar)."""
     import pydoc_data.topics
 
     sentences, seen = [], set()
@@ -79,12 +56,9 @@ def _split_of(sentence: str, num_buckets: int = 100) -> int:
 
 def builtin_corpus(test_percent: int = 12, valid_percent: int = 5, max_words: int = 25,
                    num_windows: int = 0, seed: int = 0) -> dict[str, tuple[list[str], list[str]]]:
-    """``{"train" | "valid" | "test": (english, target)}``, split by a hash of each sentence.
-
-    ``num_windows`` extra training pairs are spans of 3 to ``max_words`` consecutive words of
-    the training sentences (run together): a small corpus otherwise teaches its sentences by
-    heart rather than the word-by-word mapping that carries over to unseen sentences.
-    """
+    """``{"train" | "valid" | "test": (english, target)}``, split by a hash of each sentence;
+    ``num_windows`` extra training pairs are spans of 3 to ``max_words`` running words (so that a
+    small corpus teaches the word-by-word mapping rather than its sentences by heart)."""
     splits = {name: ([], []) for name in SPLITS}
     for sentence in builtin_sentences(max_words=max_words):
         bucket = _split_of(sentence)
@@ -101,11 +75,6 @@ def builtin_corpus(test_percent: int = 12, valid_percent: int = 5, max_words: in
         splits["train"][0].append(window)
         splits["train"][1].append(to_target_language(window))
     return splits
-
-
-# ---------------------------------------------------------------------------------------------
-# Files on disk
-# ---------------------------------------------------------------------------------------------
 
 
 def read_parallel(data_dir: str, split: str, source_lang: str = "en", target_lang: str = "de",
@@ -129,15 +98,9 @@ def read_parallel(data_dir: str, split: str, source_lang: str = "en", target_lan
     return sides[0], sides[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Subwords
-# ---------------------------------------------------------------------------------------------
-
-
-def train_sentencepiece(texts: Sequence[str], vocab_size: int, *, model_type: str = "bpe",
-                        max_sentences: int = 10_000_000, seed_sentencepiece_size: int = 1_000_000,
+def train_sentencepiece(texts: Sequence[str], vocab_size: int, *, max_sentences: int = 10_000_000,
                         num_threads: int = 1) -> bytes:
-    """A joint subword model trained on ``texts``; returns the serialized model."""
+    """A joint BPE model trained on ``texts``; returns the serialized model."""
     import io
 
     import sentencepiece as spm
@@ -145,9 +108,9 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, *, model_type: st
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=1.0, pad_id=PAD_ID, unk_id=UNK_ID,
+        model_type="bpe", character_coverage=1.0, pad_id=PAD_ID, unk_id=UNK_ID,
         bos_id=BOS_ID, eos_id=EOS_ID, input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, seed_sentencepiece_size=seed_sentencepiece_size,
+        shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
         num_threads=num_threads, minloglevel=2)
     return model.getvalue()
 
@@ -179,17 +142,9 @@ def tokenize_pairs(processor, source: Sequence[str], target: Sequence[str]) -> T
     return TokenizedPairs(encode(source), encode(target), list(source), list(target))
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------
-
-
 def bucket_of(length: int, buckets: Sequence[int]) -> int | None:
     """The smallest bucket that holds ``length`` tokens, or None if none does."""
-    for size in buckets:
-        if length <= size:
-            return size
-    return None
+    return next((size for size in buckets if length <= size), None)
 
 
 def _example_length(pairs: TokenizedPairs, i: int) -> int:
@@ -197,14 +152,11 @@ def _example_length(pairs: TokenizedPairs, i: int) -> int:
     return max(len(pairs.source[i]), len(pairs.target[i])) + 1
 
 
-def rows_per_batch(bucket: int, max_tokens: int, multiple_of: int) -> int:
-    rows = max(max_tokens // bucket, 1)
-    return max(multiple_of, rows - rows % multiple_of)
-
-
-def make_batch(pairs: TokenizedPairs, indices: Sequence[int], rows: int, length: int) -> dict[str, np.ndarray]:
-    """``src``, ``tgt_in`` (``bos`` + target) and ``tgt_out`` (target + ``eos``), padded to ``(rows, length)``."""
-    batch = {name: np.full((rows, length), PAD_ID, np.int32) for name in ("src", "tgt_in", "tgt_out")}
+def make_batch(pairs: TokenizedPairs, indices: Sequence[int], rows: int,
+               length: int) -> dict[str, np.ndarray]:
+    """``src``, ``tgt_in`` (``bos`` + target), ``tgt_out`` (target + ``eos``), padded."""
+    batch = {name: np.full((rows, length), PAD_ID, np.int32) for name in ("src", "tgt_in",
+                                                                          "tgt_out")}
     for row, i in enumerate(indices):
         src, tgt = pairs.source[i], pairs.target[i]
         batch["src"][row, :len(src) + 1] = np.append(src, EOS_ID)
@@ -214,13 +166,10 @@ def make_batch(pairs: TokenizedPairs, indices: Sequence[int], rows: int, length:
 
 
 class TokenBatchSource:
-    """Random access to the token batches of ``num_epochs`` epochs (a grain data source).
-
-    Index ``i`` is batch ``i % per_epoch`` of epoch ``i // per_epoch``; each epoch has its own
-    shuffle (seeded by ``seed`` and the epoch), so that any position of the stream can be
-    recomputed from the index alone (what makes the iterator state small and checkpointable).
-    Pairs longer than the largest bucket are left out (``num_dropped``).
-    """
+    """Random access to the token batches of ``num_epochs`` epochs (a grain data source): index
+    ``i`` is batch ``i % per_epoch`` of epoch ``i // per_epoch``, each epoch shuffled by ``seed``
+    and the epoch, so the index alone is the iterator state. Pairs longer than the largest bucket
+    are left out (``num_dropped``)."""
 
     def __init__(self, pairs: TokenizedPairs, buckets: Sequence[int], max_tokens: int, seed: int,
                  num_epochs: int, rows_multiple_of: int = 1, process_index: int = 0,
@@ -237,8 +186,9 @@ class TokenBatchSource:
                 self.num_dropped += 1
             else:
                 self.by_bucket[size].append(i)
-        self.rows = {size: rows_per_batch(size, max_tokens, rows_multiple_of * process_count)
-                     for size in buckets}
+        multiple = rows_multiple_of * process_count
+        rows = {size: max(max_tokens // size, 1) for size in buckets}
+        self.rows = {size: max(multiple, n - n % multiple) for size, n in rows.items()}
         self.per_epoch = sum(-(-len(ix) // self.rows[size]) for size, ix in self.by_bucket.items())
         if self.per_epoch == 0:
             raise ValueError("no training pair fits the length buckets "
@@ -256,7 +206,7 @@ class TokenBatchSource:
             for size, indices in self.by_bucket.items():
                 order = rng.permutation(np.asarray(indices, np.int64))
                 rows = self.rows[size]
-                batches += [(size, order[start:start + rows]) for start in range(0, len(order), rows)]
+                batches += [(size, order[i:i + rows]) for i in range(0, len(order), rows)]
             order = rng.permutation(len(batches))
             self._epoch_cache = (epoch, [batches[i] for i in order])
         return self._epoch_cache[1]
@@ -286,11 +236,8 @@ def train_iterator(source: TokenBatchSource, num_workers: int = 0):
 
 def eval_batches(pairs: TokenizedPairs, buckets: Sequence[int], batch_size: int
                  ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Every pair once, sorted by length, in ``(indices, batch)`` of ``batch_size`` rows.
-
-    Rows beyond the end are all padding (index -1). Pairs longer than the largest bucket are
-    truncated to it (their score still counts: a held-out set is never filtered).
-    """
+    """Every pair once, sorted by length, in ``(indices, batch)`` of ``batch_size`` rows (index
+    -1: padding rows). Pairs longer than the largest bucket are truncated to it, not dropped."""
     lengths = [_example_length(pairs, i) for i in range(len(pairs))]
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):
@@ -302,9 +249,3 @@ def eval_batches(pairs: TokenizedPairs, buckets: Sequence[int], batch_size: int
         indices = np.full((batch_size,), -1, np.int64)
         indices[:len(chunk)] = chunk
         yield indices, batch
-
-
-def describe(pairs: TokenizedPairs) -> dict[str, Any]:
-    lengths = [len(s) for s in pairs.source] + [len(t) for t in pairs.target]
-    return {"pairs": len(pairs), "mean_pieces": float(np.mean(lengths)) if lengths else 0.0,
-            "max_pieces": int(max(lengths, default=0))}
