@@ -672,7 +672,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         task.set_phase_steps(2 * steps)
         state, progress = train("sr-ste", model_state, kind="sr-ste",
                                 seed_phase="sr-ste" if "sr-ste" in task.seed_offsets else "dense")
-        pruned, masks = sparse_jax.srste_finalize(state["params"], state["opt_state"])
+        pruned, masks = jax.jit(sparse_jax.srste_finalize)(state["params"], state["opt_state"])
         final_state = {**model_part(state), "params": pruned}
         sparse, seconds["sr-ste"] = progress["eval"], progress["seconds"]
         dense = one_shot = None
