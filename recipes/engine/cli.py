@@ -86,6 +86,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_name: str, set_exa
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the dense model for the retraining steps (the fair "
                         f"comparison; {control_help})")
+    parser.add_argument("--method", choices=("prune-retrain", "sr-ste"),
+                        help="prune-retrain (default): dense, one-shot 2:4 prune, masked "
+                        "retraining; sr-ste: one phase of as many steps from the random init, "
+                        "trained 2:4 with SR-STE (sparse_jax.srste)")
+    parser.add_argument("--transposable", action="store_true", default=None,
+                        help="transposable 2:4 masks (2:4 along both axes of every 4x4 block, "
+                        "so dY @ W^T can be sparse too)")
+    parser.add_argument("--permute", action="store_true", default=None,
+                        help="prune step: channel permutations that keep more magnitude first "
+                        "(the same dense function); adds the one-shot ablation to the outputs")
+    parser.add_argument("--recalibrate-bn", action="store_true", default=None,
+                        help="prune step: re-estimate the batch-norm statistics of the pruned "
+                        "model on a few hundred training images (--set recalibrate_examples=)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir "
                         "from its last checkpoints (same result as an uninterrupted run)")
     parser.add_argument("--overwrite", action="store_true",
@@ -129,7 +142,9 @@ def config_from_args(task_class, args: argparse.Namespace, model: str):
         config = task_class.smoke_config(config)
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_"))
                  for flag, field, _, _ in task_class.options if field}
-    overrides.update(devices=args.devices, control=args.control)
+    overrides.update(devices=args.devices, control=args.control, method=args.method,
+                     transposable=args.transposable, permute=args.permute,
+                     recalibrate_bn=args.recalibrate_bn)
     return apply_command_line(config, overrides, args)
 
 

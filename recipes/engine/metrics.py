@@ -6,7 +6,8 @@ import json
 import os
 from typing import Any
 
-PHASE_COLORS = {"dense": "tab:blue", "retrain": "tab:red", "control": "tab:gray"}
+PHASE_COLORS = {"dense": "tab:blue", "retrain": "tab:red", "sr-ste": "tab:orange",
+                "control": "tab:gray"}
 
 
 class MetricsLog:
@@ -57,8 +58,9 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str, label: str
 
     scale = 100.0 if percent else 1.0
     dense_steps = max((r["step"] for r in records if r["phase"] == "dense"), default=0)
-    offsets = {"dense": 0, "retrain": dense_steps, "control": dense_steps}
-    names = {"dense": "dense", "retrain": "2:4 sparse retraining", "control": "dense control"}
+    offsets = {"dense": 0, "retrain": dense_steps, "sr-ste": 0, "control": dense_steps}
+    names = {"dense": "dense", "retrain": "2:4 sparse retraining", "sr-ste": "2:4 SR-STE",
+             "control": "dense control"}
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     for phase, color in PHASE_COLORS.items():
         train = [r for r in records if r["phase"] == phase and r["split"] == "train"]

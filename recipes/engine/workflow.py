@@ -11,6 +11,20 @@
 4. optionally **control** (``config.control``): the dense model trained as many more steps
    without a mask, so that sparse-vs-dense compares models that had the same number of steps.
 
+Options of the prune step (``config.transposable``, ``permute``, ``recalibrate_bn``):
+transposable n:m masks (``sparse_jax.prune(transposable=True)``); channel permutations found
+from the task's own ``forward`` (``sparse_jax.channel_groups``, ``search_permutations``,
+``apply_permutations``) before pruning; batch statistics re-estimated on a few hundred training
+images after it (the task's ``recalibrate_batch_stats``). With either of the last two, the
+one-shot model is evaluated in all four combinations ("one_shot_variants" in results.json) and
+retraining starts from the one asked for.
+
+``config.method = "sr-ste"`` replaces dense -> prune -> retrain by one phase "sr-ste" of as many
+steps from the random init, trained with SR-STE (``sparse_jax.srste``: the task's loss sees
+``sparse_jax.srste_project`` of the params through ``Task.loss_params``; sparse-refined decay
+before the task's optimizer); its final mask (``sparse_jax.srste_finalize``) goes to the same
+evaluation, sparsity report and export. The control then trains dense for the same steps.
+
 The engine owns everything around the phases: the device mesh (data parallel: parameters
 replicated, batches split along ``"data"``), several processes (``jax.distributed``),
 per-phase orbax checkpoints with ``--resume`` (model, optimizer and data-iterator state), the
@@ -35,6 +49,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import sparse_jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -42,6 +57,7 @@ from recipes.engine import checkpointing, metrics
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "results.json", "curves.png", "sparsity_report.txt")
 PRUNING_METHODS = ("magnitude",)
+METHODS = ("prune-retrain", "sr-ste")
 
 
 class Interrupted(RuntimeError):
@@ -56,7 +72,14 @@ class WorkflowConfig:
     compute_dtype: str = "bfloat16"  # parameters and optimizer state stay float32
     num_train_steps: int = -1  # > 0: steps of each phase (else the task's epochs)
     init_from: str | None = None  # dense weights instead of dense training
+    method: str = "prune-retrain"  # one of METHODS
     pruning: str = "magnitude"  # one of PRUNING_METHODS
+    transposable: bool = False  # prune: n:m along both axes of every m x m block
+    permute: bool = False  # prune: channel permutations that keep more magnitude, first
+    recalibrate_bn: bool = False  # prune: re-estimate the batch statistics afterwards
+    recalibrate_examples: int = 512  # training images for --recalibrate-bn
+    permutation_time_limit: float = 2.0  # seconds of search per channel group at most
+    srste_decay: float = 2e-4  # SR-STE's sparse-refined decay (the paper's lambda_W)
     sparsity_n: int = 2
     sparsity_m: int = 4
     control: bool = False  # also train the dense model for the retraining steps
@@ -99,9 +122,15 @@ class Task:
     pruning_rules: ClassVar[Any] = None
     skip_explanations: ClassVar[dict[str, str]] = {}
 
+    # True where the task's train step calls ``loss_params`` on the params its loss sees
+    # (needed by ``--method sr-ste``).
+    projects_loss_params: ClassVar[bool] = False
+
     def __init__(self, config, workdir: str, wf: "Workflow"):
         self.config, self.workdir, self.wf = config, workdir, wf
         self.steps = 0
+        # Set by the engine before it calls train_step(tx) for an SR-STE phase.
+        self.params_projection: Callable | None = None
         self.model_name = config.model  # results.json "model"
         self.extra_steps: dict[str, int] = {}  # steps of the task's own phases (pretrain)
 
@@ -170,6 +199,25 @@ class Task:
 
     def export_onnx(self, state: dict[str, Any], path: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no ONNX export")
+
+    # -- optional, for the engine's other methods ---------------------------------------------
+    def loss_params(self, params):
+        """What the loss of a train step built now sees instead of ``params`` (SR-STE: their
+        straight-through n:m projection); a task with ``projects_loss_params`` applies it."""
+        return params if self.params_projection is None else self.params_projection(params)
+
+    def set_phase_steps(self, steps: int) -> None:
+        """The next phases have ``steps`` steps (SR-STE: dense + retrain together)."""
+        self.steps = steps
+
+    def forward(self, variables: dict[str, Any], batch: dict) -> Any:
+        """Inference over ``variables`` (the model state without the optimizer) and one training
+        batch (``--permute`` reads the channel groups from it)."""
+        raise NotImplementedError
+
+    def recalibrate_batch_stats(self, variables: dict[str, Any], batches: list) -> dict[str, Any]:
+        """``variables`` with batch statistics re-estimated on ``batches`` (``--recalibrate-bn``)."""
+        raise NotImplementedError
 
 
 def initialize_distributed(config: WorkflowConfig) -> None:
@@ -306,7 +354,10 @@ def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable, batch
         pending.append(step_metrics)
         bar.update(1)
         if step % config.log_every_steps == 0 or step == total_steps:
-            record = wf.task.train_record(jax.device_get(pending), step)
+            fetched = jax.device_get(pending)
+            record = wf.task.train_record(fetched, step)
+            if "mask_flip" in fetched[0]:  # SR-STE: mean fraction of mask entries flipped a step
+                record["mask_flip_fraction"] = float(np.mean([m["mask_flip"] for m in fetched]))
             pending = []
             if not np.isfinite(record["loss"]):
                 raise FloatingPointError(f"[{phase}] loss became {record['loss']} at step {step}")
@@ -365,12 +416,152 @@ def exactly_masked(params, masks) -> bool:
         jax.device_get(jax.tree.leaves(params)), jax.device_get(jax.tree.leaves(remasked))))
 
 
-def prune(config, params, rules=None):
-    """(pruned params, masks) by ``config.pruning`` ("magnitude": ``sparse_jax.prune``)."""
+def prune(config, params, rules=None, transposable: bool | None = None):
+    """(pruned params, masks) by ``config.pruning`` ("magnitude": ``sparse_jax.prune``;
+    transposable masks with ``config.transposable``, or ``transposable`` when given)."""
     if config.pruning not in PRUNING_METHODS:
         raise ValueError(f"pruning {config.pruning!r}: expected one of {PRUNING_METHODS}")
+    transposable = config.transposable if transposable is None else transposable
     return jax.jit(functools.partial(sparse_jax.prune, n=config.sparsity_n, m=config.sparsity_m,
-                                     rules=rules))(params)
+                                     rules=rules, transposable=transposable))(params)
+
+
+def check_methods(task_class: type[Task], config) -> None:
+    """Fails before any work when the task cannot run the options ``config`` asks for."""
+    name = task_class.__name__
+    if config.method not in METHODS:
+        raise ValueError(f"--method {config.method!r}: expected one of {METHODS}")
+    if config.method == "sr-ste":
+        if not task_class.projects_loss_params:
+            raise ValueError(f"--method sr-ste: {name}'s train step does not apply "
+                             "Task.loss_params (projects_loss_params is False)")
+        if config.init_from:
+            raise ValueError("--method sr-ste trains from the random init; --init-from (a dense "
+                             "model to prune) belongs to --method prune-retrain")
+        for flag, on in (("--permute", config.permute), ("--recalibrate-bn", config.recalibrate_bn)):
+            if on:
+                raise ValueError(f"{flag} is an option of the prune step of --method "
+                                 "prune-retrain; --method sr-ste has no prune step")
+    if config.permute and task_class.forward is Task.forward:
+        raise ValueError(f"--permute: {name} defines no forward(variables, batch), the inference "
+                         "computation the channel groups are read from")
+    if config.recalibrate_bn and task_class.recalibrate_batch_stats is Task.recalibrate_batch_stats:
+        raise ValueError(f"--recalibrate-bn: {name}'s model has no batch statistics to "
+                         "recalibrate (no recalibrate_batch_stats)")
+    if config.recalibrate_examples < 1:
+        raise ValueError(f"recalibrate_examples must be positive, got {config.recalibrate_examples}")
+
+
+def kept_magnitude_fraction(params, masks) -> float:
+    """Sum of |w| the masks keep over the sum of |w|, over the pruned leaves (float64)."""
+    kept = total = 0.0
+    aligned = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+    for leaf, mask in zip(jax.tree.leaves(params), aligned):
+        if mask is None:
+            continue
+        magnitude = np.abs(np.asarray(jax.device_get(leaf), np.float64))
+        kept += float(magnitude[np.asarray(jax.device_get(mask), bool)].sum())
+        total += float(magnitude.sum())
+    return kept / total if total else 1.0
+
+
+def _merge_variables(variables: dict[str, Any]) -> tuple[dict, Callable[[dict], dict]]:
+    """One tree of ``variables["params"]`` with the other collections' leaves merged in where
+    their modules are (batch stats next to the norm's scale), so that leaf paths are the params'
+    paths the pruning rules match; and the function that splits such a tree back."""
+    def merge(into: dict, other: dict, where: str) -> dict:
+        out = dict(into)
+        for key, value in other.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(out[key], dict) and isinstance(value, dict):
+                out[key] = merge(out[key], value, f"{where}/{key}")
+            else:
+                raise ValueError(f"--permute: {where}/{key} is in params and another collection")
+        return out
+
+    def pick(tree: dict, like: dict) -> dict:
+        return {k: pick(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+    merged = variables["params"]
+    for name, collection in variables.items():
+        if name != "params":
+            merged = merge(merged, collection, name)
+    return merged, lambda tree: {name: pick(tree, c) for name, c in variables.items()}
+
+
+def permute_channels(task: Task, config, variables: dict[str, Any], batch: dict
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``variables`` with channel permutations that raise the kept n:m magnitude (the same
+    function before pruning), and a record of the search."""
+    started = time.time()
+    merged, split = _merge_variables(variables)
+    example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
+    coupling = sparse_jax.channel_groups(lambda v, b: task.forward(split(v), b), merged, example)
+    search = sparse_jax.search_permutations(
+        merged, coupling, config.sparsity_n, config.sparsity_m, task.pruning_rules,
+        time_limit=config.permutation_time_limit, seed=config.seed)
+    permuted = split(sparse_jax.apply_permutations(merged, coupling, search))
+    record = {"groups": len(coupling.groups), "permutable": len(coupling.permutable),
+              "searched": len(search.groups), "permuted": sum(
+                  not np.array_equal(p, np.arange(len(p))) for p in search.perms.values()),
+              "consumers_kept_before": search.kept_before, "consumers_kept_after": search.kept_after,
+              "search_seconds": round(sum(g.seconds for g in search.groups), 2),
+              "time_limit_reached": sum(g.seconds >= config.permutation_time_limit
+                                        for g in search.groups),
+              "seconds": round(time.time() - started, 2)}
+    return permuted, record
+
+
+def recalibration_batches(task: Task, config) -> list[dict]:
+    """``config.recalibrate_examples`` training images (rounded up to whole batches)."""
+    batches = task.train_batches("recalibrate", config.seed + task.seed_offsets.get("recalibrate", 3))
+    out, count = [], 0
+    while count < config.recalibrate_examples:
+        batch = next(batches)
+        out.append(batch)
+        count += len(next(iter(batch.values())))
+    return out
+
+
+def prune_with_options(task: Task, config, model_state: dict[str, Any]):
+    """The prune step with ``--permute`` / ``--recalibrate-bn``: the one-shot ablation (every
+    combination evaluated) and the state, masks and one-shot result of the combination asked
+    for. Returns ``(pruned_state, masks, one_shot, extra results)``."""
+    rules = task.pruning_rules
+    extra: dict[str, Any] = {}
+    batches = recalibration_batches(task, config)
+    can_permute = type(task).forward is not Task.forward
+    can_recalibrate = type(task).recalibrate_batch_stats is not Task.recalibrate_batch_stats
+    starts = {False: model_state}
+    if can_permute:
+        starts[True], extra["permutation"] = permute_channels(task, config, model_state, batches[0])
+    variants, chosen, kept = {}, None, {}
+    kind = "transposable" if config.transposable else "nm"
+    for permuted, start in starts.items():
+        pruned, masks = prune(config, start["params"], rules)
+        suffix = "_permuted" if permuted else ""
+        kept[kind + suffix] = kept_magnitude_fraction(start["params"], masks)
+        if config.transposable:  # the plain n:m mask of the same weights, for comparison
+            kept["nm" + suffix] = kept_magnitude_fraction(
+                start["params"], prune(config, start["params"], rules, transposable=False)[1])
+        for recalibrated in ((False, True) if can_recalibrate else (False,)):
+            state = {**start, "params": pruned}
+            if recalibrated:
+                state = jax.device_put(task.recalibrate_batch_stats(state, batches),
+                                       shardings(task.wf.mesh)[0])
+            name = {(False, False): "magnitude", (True, False): "permutation",
+                    (False, True): "bn_recalibration", (True, True): "both"}[permuted, recalibrated]
+            result = task.evaluate(state, "one_shot")
+            variants[name] = result
+            task.wf.print(f"[prune] one-shot {name.replace('_', ' ')}: {task.describe(result)}")
+            if (permuted, recalibrated) == (config.permute, config.recalibrate_bn):
+                chosen = state, masks, result
+    extra["kept_magnitude_fraction"] = kept
+    order = ("magnitude", "permutation", "bn_recalibration", "both")
+    extra["one_shot_variants"] = {k: variants[k][task.headline] for k in order if k in variants}
+    extra["recalibrate_examples"] = sum(len(next(iter(b.values()))) for b in batches)
+    return (*chosen, extra)
 
 
 def _cpu_seconds() -> float:
@@ -400,6 +591,8 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         The dict written to ``results.json``.
     """
     started, cpu_started = time.time(), _cpu_seconds()
+    check_methods(task_class, config)
+    srste = config.method == "sr-ste"
     if config.distributed:
         initialize_distributed(config)
     prepare_workdir(workdir, resume, overwrite, RUN_OUTPUTS + task_class.outputs)
@@ -413,28 +606,60 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
             raise ValueError(f"{name} {getattr(config, name)} must be a multiple of the "
                              f"{mesh.size} devices")
     log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    wf = Workflow(config, workdir, mesh, log, task_class.phases)
+    phases = task_class.phases
+    if srste:  # one SR-STE phase where dense and retrain were
+        phases = tuple(p for p in phases if p != "retrain")
+        phases = tuple("sr-ste" if p == "dense" else p for p in phases)
+    wf = Workflow(config, workdir, mesh, log, phases)
     task = wf.task = task_class(config, workdir, wf)
     model_state = task.setup()
     num_params = sum(int(x.size) for x in jax.tree.leaves(model_state["params"]))
     steps = task.steps
-    compiled: dict[bool, Callable] = {}  # dense and control share one compiled step
+    compiled: dict[str, Callable] = {}  # dense and control share one compiled step
+    n, m = config.sparsity_n, config.sparsity_m
+    project = functools.partial(sparse_jax.srste_project, n=n, m=m, rules=task.pruning_rules,
+                                transposable=config.transposable)
 
-    def train(phase: str, model_state: dict, masks=None) -> tuple[dict, dict]:
+    def srste_eval_during(state, phase, step):
+        # Held-out evaluations see the weights the forward pass uses: the n:m projection.
+        if step not in task.eval_steps() and step != task.steps:
+            return task.eval_during(state, phase, step)
+        return task.eval_during({**state, "params": jax.jit(project)(state["params"])}, phase, step)
+
+    def train(phase: str, model_state: dict, masks=None, kind: str | None = None,
+              seed_phase: str | None = None) -> tuple[dict, dict]:
+        kind = kind or ("masked" if masks is not None else "dense")
         total_steps = task.phase_steps(phase)
         tx = task.optimizer(model_state["params"])
         if masks is not None:
             tx = sparse_jax.masked(tx, masks)
+        if kind == "sr-ste":  # the decay goes to the gradient, before the task's optimizer
+            tx = optax.chain(sparse_jax.srste(n, m, task.pruning_rules, decay=config.srste_decay,
+                                              transposable=config.transposable), tx)
         # The steps may donate their input state: every phase gets its own copies.
         state = {**jax.tree.map(jnp.copy, model_state),
                  "opt_state": jax.jit(tx.init)(model_state["params"])}
         if masks is not None:
             state["masks"] = jax.tree.map(jnp.copy, masks)
-        if (masks is not None) not in compiled:
-            compiled[masks is not None] = task.train_step(tx)
-        batches = task.train_batches(phase, config.seed + task.seed_offsets[phase])
-        state, progress = run_phase(wf, phase, state, compiled[masks is not None], batches,
-                                    total_steps, task.eval_during, resume)
+        if kind not in compiled:
+            if kind == "sr-ste":
+                task.params_projection = project
+                inner = task.train_step(tx)
+                task.params_projection = None
+
+                def step_fn(state, batch, step, phase):
+                    state, step_metrics = inner(state, batch, step, phase)
+                    flips = sparse_jax.srste_flip_fraction(state["opt_state"])
+                    return state, {**step_metrics, "mask_flip": flips}
+
+                compiled[kind] = step_fn
+            else:
+                compiled[kind] = task.train_step(tx)
+        seed = config.seed + task.seed_offsets.get(seed_phase or phase, 0)
+        batches = task.train_batches(phase, seed)
+        state, progress = run_phase(wf, phase, state, compiled[kind], batches, total_steps,
+                                    srste_eval_during if kind == "sr-ste" else task.eval_during,
+                                    resume)
         wf.print(f"[{phase}] {task.describe(progress['eval'])}")
         return state, progress
 
@@ -449,58 +674,104 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     if hasattr(task, "pretrain"):
         model_state = task.pretrain(model_state, resume)
 
-    # 1. Dense.
-    seconds = {}
-    if config.init_from:
-        model_state, description = task.load_dense(config.init_from, model_state)
-        wf.print(f"[dense] loaded {description}")
-        model_state = jax.device_put(model_state, shardings(mesh)[0])
-        dense = task.evaluate(model_state, "dense")
-        log_once("dense", dense)
-        wf.print(f"[dense] {task.describe(dense)}")
+    seconds, extra = {}, {}
+    if srste:
+        # 1-3. SR-STE from the random init, as many steps as dense + retrain together.
+        task.set_phase_steps(2 * steps)
+        state, progress = train("sr-ste", model_state, kind="sr-ste",
+                                seed_phase="sr-ste" if "sr-ste" in task.seed_offsets else "dense")
+        pruned, masks = jax.jit(sparse_jax.srste_finalize)(state["params"], state["opt_state"])
+        final_state = {**model_part(state), "params": pruned}
+        sparse, seconds["sr-ste"] = progress["eval"], progress["seconds"]
+        dense = one_shot = None
         dense_steps = 0
+        extra["mask_flip_fraction_last_step"] = float(
+            sparse_jax.srste_flip_fraction(state["opt_state"]))
+        exactly_sparse = exactly_masked(final_state["params"], masks)
+        wf.print(f"[sr-ste] weights exactly {n}:{m}: {exactly_sparse}")
+        # The sr-ste checkpoints hold the dense weights SR-STE trains; the n:m model goes here.
+        final_ckpt = checkpointing.PhaseCheckpoints(os.path.join(workdir, "checkpoints", "sparse"),
+                                                    config.max_checkpoints_to_keep)
+        if final_ckpt.latest_step() != task.steps:  # (a resumed finished run has it)
+            final_ckpt.save(task.steps, {**final_state, "masks": masks},
+                            {"phase": "sparse", "step": task.steps, "eval": sparse})
+        final_ckpt.close()
     else:
-        state, progress = train("dense", model_state)
-        model_state, dense, seconds["dense"] = model_part(state), progress["eval"], progress["seconds"]
-        dense_steps = steps
+        # 1. Dense.
+        if config.init_from:
+            model_state, description = task.load_dense(config.init_from, model_state)
+            wf.print(f"[dense] loaded {description}")
+            model_state = jax.device_put(model_state, shardings(mesh)[0])
+            dense = task.evaluate(model_state, "dense")
+            log_once("dense", dense)
+            wf.print(f"[dense] {task.describe(dense)}")
+            dense_steps = 0
+        else:
+            state, progress = train("dense", model_state)
+            model_state, dense, seconds["dense"] = model_part(state), progress["eval"], progress["seconds"]
+            dense_steps = steps
 
-    # 2. Prune and evaluate as is.
-    if hasattr(task, "prune_step"):
-        pruned, masks = task.prune_step(model_state)
-    else:
-        pruned, masks = prune(config, model_state["params"], task.pruning_rules)
-    pruned_state = {**model_state, "params": pruned}
-    one_shot = task.evaluate(pruned_state, "one_shot")
-    log_once("one_shot", one_shot)
-    wf.print(f"[prune] {config.sparsity_n}:{config.sparsity_m} one-shot {task.describe(one_shot)}")
+        # 2. Prune and evaluate as is.
+        if config.permute or config.recalibrate_bn:
+            pruned_state, masks, one_shot, extra = prune_with_options(task, config, model_state)
+        else:
+            if hasattr(task, "prune_step"):  # the task's own one-shot method (calibration data)
+                pruned, masks = task.prune_step(model_state)
+            else:
+                pruned, masks = prune(config, model_state["params"], task.pruning_rules)
+            pruned_state = {**model_state, "params": pruned}
+            one_shot = task.evaluate(pruned_state, "one_shot")
+            if config.transposable:
+                extra["kept_magnitude_fraction"] = {
+                    "transposable": kept_magnitude_fraction(model_state["params"], masks),
+                    "nm": kept_magnitude_fraction(model_state["params"], prune(
+                        config, model_state["params"], task.pruning_rules, transposable=False)[1])}
+        log_once("one_shot", one_shot)
+        wf.print(f"[prune] {n}:{m}{' transposable' if config.transposable else ''} one-shot "
+                 f"{task.describe(one_shot)}")
+        if "kept_magnitude_fraction" in extra:
+            wf.print("[prune] kept magnitude fraction: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in extra["kept_magnitude_fraction"].items()))
 
-    # 3. Retrain with the mask fixed: the same schedule, a fresh optimizer.
-    state, progress = train("retrain", pruned_state, masks)
-    final_state, masks = model_part(state), state["masks"]
-    sparse, seconds["retrain"] = progress["eval"], progress["seconds"]
-    exactly_sparse = exactly_masked(final_state["params"], masks)
-    wf.print(f"[retrain] weights exactly {config.sparsity_n}:{config.sparsity_m}: {exactly_sparse}")
+        # 3. Retrain with the mask fixed: the same schedule, a fresh optimizer.
+        state, progress = train("retrain", pruned_state, masks)
+        final_state, masks = model_part(state), state["masks"]
+        sparse, seconds["retrain"] = progress["eval"], progress["seconds"]
+        exactly_sparse = exactly_masked(final_state["params"], masks)
+        wf.print(f"[retrain] weights exactly {n}:{m}: {exactly_sparse}")
 
-    # 4. Dense control: the same extra steps without a mask.
+    # 4. Dense control: the same extra steps without a mask (SR-STE: the same total steps from
+    # the random init, with its data order).
     control = None
     if config.control:
-        _, progress = train("control", model_state)
+        _, progress = train("control", model_state,
+                            seed_phase=None if not srste else (
+                                "sr-ste" if "sr-ste" in task.seed_offsets else "dense"))
         control, seconds["control"] = progress["eval"], progress["seconds"]
 
     evals = {"dense": dense, "one_shot": one_shot, "sparse": sparse, "control": control}
     report = sparse_jax.sparsity_report(final_state["params"], masks, config.sparsity_n,
                                         config.sparsity_m, rules=task.pruning_rules)
+    sparse_phase = "sparse" if srste else "retrain"
+    final_steps = task.steps if srste else task.phase_steps("retrain")
+    phase_steps_run = ({"sr-ste": final_steps} if srste else
+                       {"dense": dense_steps, "retrain": final_steps})
     results = {
         "model": task.model_name,
         "dataset": task.dataset_name,
         "metric": task.metric,
         **{name: None if result is None else result[task.headline]
            for name, result in evals.items()},
-        "steps": {**task.extra_steps, "dense": dense_steps, "retrain": task.phase_steps("retrain"),
+        "steps": {**task.extra_steps, **phase_steps_run,
                   "control": task.phase_steps("control") if control else None},
         "num_params": num_params,
         **task.extra_results(evals),
         "exactly_nm_sparse": exactly_sparse,
+        "method": config.method,
+        "transposable": config.transposable,
+        "permute": config.permute,
+        "recalibrate_bn": config.recalibrate_bn,
+        **extra,
         "training_seconds": round(sum(seconds.values()), 1),
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
         "seconds": round(time.time() - started, 1),
@@ -510,8 +781,9 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         with open(os.path.join(workdir, "sparsity_report.txt"), "w") as f:
             f.write(str(report) + "\n")
         metrics.plot_curves(log.read(), os.path.join(workdir, "curves.png"),
-                            f"{task.model_name} on {task.dataset_name}: dense -> "
-                            f"{config.sparsity_n}:{config.sparsity_m} prune -> retrain",
+                            f"{task.model_name} on {task.dataset_name}: " + (
+                                f"{n}:{m} SR-STE" if srste else
+                                f"dense -> {n}:{m} prune -> retrain"),
                             task.label, task.percent)
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -526,10 +798,13 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     wf.print("")
     wf.print(report_summary(report, os.path.join(workdir, "sparsity_report.txt"),
                             task.skip_explanations))
+    if "one_shot_variants" in results:
+        wf.print("")
+        wf.print(one_shot_table(task, results))
     wf.print("")
     wf.print(results_table(task, results))
     wf.print(f"\nwrote {workdir}/results.json, metrics.jsonl, curves.png, sparsity_report.txt, "
-             f"checkpoints/ (sparse model: checkpoints/retrain/{results['steps']['retrain']})"
+             f"checkpoints/ (sparse model: checkpoints/{sparse_phase}/{final_steps})"
              + "".join(f", {name}" for name in task.outputs
                        if os.path.exists(os.path.join(workdir, name))))
     return results
@@ -555,7 +830,8 @@ def results_table(task: Task, results: dict[str, Any]) -> str:
     """Table-2 style rows: dense / one-shot n:m / retrained n:m / dense control."""
     phases = ("dense", "one_shot", "sparse", "control")
     rows = [(task.label, {p: results[p] for p in phases})] + task.table_rows(results)
-    lines = ["| model | dataset | metric | dense | 2:4 one-shot | 2:4 retrained | dense control |",
+    sparse = "2:4 SR-STE" if results.get("method") == "sr-ste" else "2:4 retrained"
+    lines = [f"| model | dataset | metric | dense | 2:4 one-shot | {sparse} | dense control |",
              "|---|---|---|---|---|---|---|"]
     for label, values in rows:
         lines.append(f"| {results['model']} | {results['dataset']} | {label} | " + " | ".join(
@@ -565,4 +841,14 @@ def results_table(task: Task, results: dict[str, Any]) -> str:
     lines.append((note + "; " if note else "") + "steps: " + ", ".join(
         f"{k} {v}" for k, v in steps.items() if v) + f"; {results['seconds']:.0f} s on "
         f"{results['devices']} {results['platform']} device(s)")
+    return "\n".join(lines)
+
+
+def one_shot_table(task: Task, results: dict[str, Any]) -> str:
+    """The one-shot ablation of ``--permute`` / ``--recalibrate-bn``: one row per combination."""
+    names = {"magnitude": "magnitude alone", "permutation": "+ channel permutation",
+             "bn_recalibration": "+ BN recalibration", "both": "+ both"}
+    lines = [f"| one-shot {results['model']} | {task.label} |", "|---|---|"]
+    for key, value in results["one_shot_variants"].items():
+        lines.append(f"| {names[key]} | {format_value(value, task.percent)} |")
     return "\n".join(lines)

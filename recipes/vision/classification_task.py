@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+import sparse_jax
 from flax import nnx
 
 from recipes.engine import cli, workflow
@@ -84,16 +85,19 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_train_step(graphdef, tx, mesh, info: input_pipeline.DatasetInfo, compute_dtype):
+def make_train_step(graphdef, tx, mesh, info: input_pipeline.DatasetInfo, compute_dtype,
+                    loss_params=None):
     """A jitted ``(state, batch) -> (state, metrics)`` step, data parallel over ``mesh``: ``state``
-    (params, batch_stats, opt_state) replicated, ``batch`` (uint8 NHWC image, label) split."""
+    (params, batch_stats, opt_state) replicated, ``batch`` (uint8 NHWC image, label) split.
+    ``loss_params``: what the loss sees instead of the params (SR-STE's projection)."""
     replicated, data = workflow.shardings(mesh)
 
     def train_step(state, batch):
         images = input_pipeline.normalize_images(batch["image"], info.mean, info.std, compute_dtype)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["batch_stats"])
+            model = nnx.merge(graphdef, params if loss_params is None else loss_params(params),
+                              state["batch_stats"])
             logits = model(images, train=True)
             loss = jnp.mean(cross_entropy_loss(logits, batch["label"]))
             return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
@@ -193,7 +197,8 @@ class ClassificationTask(workflow.Task):
 
     def train_step(self, tx):
         step_fn = make_train_step(self.graphdef, tx, self.wf.mesh, self.info,
-                                  jnp.dtype(self.config.compute_dtype))
+                                  jnp.dtype(self.config.compute_dtype),
+                                  loss_params=self.params_projection)
         return lambda state, batch, step, phase: step_fn(state, batch)
 
     def train_batches(self, phase: str, seed: int):
@@ -264,6 +269,31 @@ class ClassificationTask(workflow.Task):
                           jax.device_get(state["batch_stats"]))
         example = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
         sparse_jax.export.to_onnx(model, [example], path, input_names=["image"])
+
+    # -- the engine's other methods (--method sr-ste, --permute, --recalibrate-bn) --------------
+    projects_loss_params = True  # make_train_step applies self.params_projection
+
+    def set_phase_steps(self, steps: int) -> None:
+        super().set_phase_steps(steps)
+        self.schedule = learning_rate_schedule(self.config, steps)  # the logged lr
+
+    def _images(self, batch, dtype=None):
+        return input_pipeline.normalize_images(batch["image"], self.info.mean, self.info.std,
+                                               dtype or jnp.dtype(self.config.compute_dtype))
+
+    def forward(self, variables, batch):
+        """Eval-mode logits of ``variables`` (params, batch_stats) on a training batch."""
+        model = nnx.merge(self.graphdef, variables["params"], variables["batch_stats"])
+        return model(self._images(batch), train=False)
+
+    def recalibrate_batch_stats(self, variables, batches):
+        """``variables`` with the population statistics of every BatchNorm's inputs over
+        ``batches`` (``sparse_jax.recalibrate_batch_norm``, training-mode forward passes)."""
+        model = nnx.merge(self.graphdef, jax.device_get(variables["params"]),
+                          jax.device_get(variables["batch_stats"]))
+        forward = nnx.jit(lambda m, images: m(images, train=True))
+        sparse_jax.recalibrate_batch_norm(model, [self._images(b) for b in batches], forward)
+        return {**variables, "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
 
 
 def main(model: str, description: str, epilog: str, argv: list[str] | None = None) -> dict:
