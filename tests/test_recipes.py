@@ -29,24 +29,7 @@ from recipes.vision.classification_task import ClassificationTask  # noqa: E402
 STAGES_50 = (3, 4, 6, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Shares compiled steps between the several smoke runs of this module (about 4x faster)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    try:  # forget the temporary directory (private API; harmless if it moves)
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):
-        pass
+pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
 
 
 @pytest.fixture(scope="module")

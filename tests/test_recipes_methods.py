@@ -21,28 +21,11 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from recipes.engine import cli, metrics, workflow  # noqa: E402
-from recipes.vision import classification_task, configs  # noqa: E402
+from recipes.vision import configs  # noqa: E402
 from recipes.vision.classification_task import ClassificationTask  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Shares compiled steps between the runs of this module."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    try:
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):
-        pass
+pytestmark = pytest.mark.usefixtures("shared_compilation_cache")
 
 
 def smoke_config(**changes):
@@ -125,7 +108,7 @@ def test_a_task_without_the_hook_fails_at_start_naming_the_option(tmp_path, chan
 def test_srste_rejects_the_prune_step_options(tmp_path, changes, message):
     config = smoke_config(method="sr-ste", **changes)
     with pytest.raises(ValueError, match=message):
-        classification_task.train_and_evaluate(config, str(tmp_path / "run"))
+        workflow.train_and_evaluate(ClassificationTask, config, str(tmp_path / "run"))
 
 
 def test_kept_magnitude_fraction_against_a_hand_worked_case():
@@ -229,7 +212,7 @@ def test_prune_options_run_is_exactly_2_4_transposable_and_records_the_ablation(
     config = smoke_config(transposable=True, permute=True, recalibrate_bn=True, control=False,
                           recalibrate_examples=32)
     workdir = str(tmp_path)
-    results = classification_task.train_and_evaluate(config, workdir)
+    results = workflow.train_and_evaluate(ClassificationTask, config, workdir)
     saved = json.load(open(os.path.join(workdir, "results.json")))
     assert saved["method"] == "prune-retrain"
     assert (saved["transposable"], saved["permute"], saved["recalibrate_bn"]) == (True,) * 3
@@ -267,7 +250,7 @@ def test_prune_options_run_is_exactly_2_4_transposable_and_records_the_ablation(
 def srste_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("srste"))
     config = smoke_config(method="sr-ste", control=True, num_train_steps=4)
-    results = classification_task.train_and_evaluate(config, workdir)
+    results = workflow.train_and_evaluate(ClassificationTask, config, workdir)
     return config, workdir, results
 
 
@@ -314,8 +297,8 @@ def test_srste_resume_equals_the_uninterrupted_run(srste_run, tmp_path):
     config, reference_dir, reference = srste_run
     workdir = str(tmp_path)
     with pytest.raises(workflow.Interrupted):
-        classification_task.train_and_evaluate(config.replace(interrupt_after_steps=5), workdir)
-    resumed = classification_task.train_and_evaluate(config, workdir, resume=True)
+        workflow.train_and_evaluate(ClassificationTask, config.replace(interrupt_after_steps=5), workdir)
+    resumed = workflow.train_and_evaluate(ClassificationTask, config, workdir, resume=True)
     total = 2 * config.num_train_steps
     for phase in ("sr-ste", "sparse", "control"):
         want = restore_item(reference_dir, phase, total, "params")
