@@ -100,14 +100,14 @@ def coco_config() -> SSDConfig:
 def builtin_config() -> SSDConfig:
     """The default: the digits set with SSD at 1/8 width, one bottleneck a stage, from scratch
     on 2 CPU cores (recipes/README.md). No expansion (it shrinks small digits to a few pixels),
-    no flips (a mirrored digit is another glyph); the dense control is off."""
+    no flips (a mirrored digit is another glyph); the dense control is on."""
     return SSDConfig(
         width=0.125, backbone_stages=(1, 1, 1), extra_strides=(2, 2, 1),
         compute_dtype="float32", image_size=96, box_steps=None, box_scales=(20, 30, 45, 60, 80),
         aspect_ratios="2;2;2;2", max_boxes=8, expand_probability=0.0, crop_probability=0.3,
         flip_probability=0.0, num_workers=0, batch_size=64, learning_rate_per_32=0.05,
         weight_decay=5e-4, num_epochs=13.0, lr_milestones=(9, 11), warmup_steps=50,
-        control=False, eval_batch_size=100, evals_per_phase=2, log_every_steps=25,
+        control=True, eval_batch_size=100, evals_per_phase=2, log_every_steps=25,
         checkpoint_every_steps=200)
 
 
@@ -301,7 +301,7 @@ class SSDTask(workflow.Task):
     seed_offsets = {"dense": 0, "retrain": 1, "control": 1}
     config_name = "recipes/detection/ssd_task.py SSDConfig"
     set_example = "--set max_eval_images=500 --set compute_dtype=float32"
-    control_help = "off by default"
+    control_help = "on by default for the built-in set, off for COCO"
     options = (
         cli.COCO_DATA_DIR,
         ("--backbone-weights", "backbone_weights", None, "torchvision ResNet-50 ImageNet weights "

@@ -80,7 +80,7 @@ def builtin_config() -> QAConfig:
         dropout=0.0, compute_dtype="float32", max_seq_length=64, doc_stride=16,
         max_query_length=32, pretrain_steps=1000, pretrain_batch_size=32,
         pretrain_learning_rate=1e-3, batch_size=64, learning_rate=2e-3, num_train_steps=2000,
-        eval_batch_size=128, log_every_steps=50, checkpoint_every_steps=500)
+        eval_batch_size=128, log_every_steps=50, checkpoint_every_steps=500, control=True)
 
 
 def smoke_config(base: QAConfig) -> QAConfig:
@@ -329,7 +329,7 @@ class QuestionAnsweringTask(workflow.Task):
     pruning_rules = bert.PRUNING_RULES
     config_name = "recipes/text/qa_task.py QAConfig"
     set_example = "--set max_seq_length=512"
-    control_help = "off by default"
+    control_help = "on by default for the built-in task, off for SQuAD"
     options = (
         ("--train-file", "train_file", None, "SQuAD v1.1 train-v1.1.json (with --predict-file: "
          "the full recipe; without: the built-in pydoc task)"),
