@@ -172,6 +172,7 @@ def test_console_script_is_declared():
     assert scripts.get("sparse-jax-inspect") == "sparse_jax.inspect:main"
 
 
+@pytest.mark.slow
 def test_recipe_resnet_exports_a_graph_onnxruntime_runs(tmp_path):
     # The recipes' models end in a global mean: jax2onnx 0.17 writes ReduceMean's axes as an
     # input, which opset 17 does not allow; to_onnx must turn them back into an attribute.

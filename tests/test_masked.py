@@ -16,6 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 import sparse_jax
 
+# sgd and adamw (plain and decoupled-decay updates) run by default; the other optimizers
+# take 10-50 s each on 2 cores and run with -m slow.
+FAST_INNER = ("sgd", "adamw")
 INNER = {
     "sgd": lambda: optax.sgd(0.05),
     "sgd_nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
@@ -89,7 +92,9 @@ def masked_run(tx, params, batches):
     seed=st.integers(0, 2**31 - 1),
     pattern=st.sampled_from([(2, 4), (1, 4)]),
 )
-@pytest.mark.parametrize("name", sorted(INNER))
+@pytest.mark.parametrize("name", [
+    name if name in FAST_INNER else pytest.param(name, marks=pytest.mark.slow)
+    for name in sorted(INNER)])
 def test_exactly_nm_and_equal_to_inner_on_masked_gradient(
     name, in_features, out_features, channels, seed, pattern
 ):

@@ -279,6 +279,7 @@ def test_train_iterator_resumes_exactly():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_data_parallel_step_on_8_devices_matches_1_device():
     assert jax.device_count() >= 8, "tests/conftest.py should provide 8 CPU devices"
     config = configs.smoke_config(configs.builtin_config()).replace(compute_dtype="float32")
@@ -382,6 +383,7 @@ def test_smoke_run_writes_results_metrics_plot_and_sparse_checkpoint(smoke_run):
     assert np.count_nonzero(dense["fc"]["kernel"]) == dense["fc"]["kernel"].size
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_gives_same_final_params(smoke_run, tmp_path):
     config, reference_dir, reference = smoke_run
     workdir = str(tmp_path)
@@ -420,6 +422,7 @@ def write_jpeg_tree(root, classes=3, train_per_class=6, val_per_class=3, seed=0)
                 Image.fromarray(pixels).save(os.path.join(folder, f"img{index}.JPEG"), quality=90)
 
 
+@pytest.mark.slow
 def test_smoke_cli_on_an_imagefolder_of_jpegs(tmp_path, capsys):
     data_dir = str(tmp_path / "imagenet")
     write_jpeg_tree(data_dir)

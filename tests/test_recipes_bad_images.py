@@ -75,6 +75,7 @@ def test_default_run_stops_at_the_bad_file_with_its_path(tmp_path):
     assert "cannot decode image" in message
 
 
+@pytest.mark.slow
 def test_skip_bad_images_trains_and_reports_the_skipped_paths(tmp_path):
     bad = write_tree(str(tmp_path / "data"))
     source = input_pipeline.ImageFolderSource(str(tmp_path / "data" / "train"),

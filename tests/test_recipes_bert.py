@@ -535,6 +535,7 @@ def _smoke(workdir, *extra):
     return entry.main(["--smoke", "--devices", "2", "--workdir", str(workdir), *extra])
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     export = importlib.util.find_spec("jax2onnx") is not None
     onnx_path = tmp_path / "model.onnx"

@@ -212,7 +212,8 @@ def test_smoke_run_and_resumed_run_equal_the_uninterrupted_one(tmp_path, capsys)
     saved = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert saved == json.loads(json.dumps(whole))
     assert saved["metric"] == "perplexity" and saved["exactly_nm_sparse"] is True
-    assert saved["steps"] == {"dense": 6, "retrain": 4, "control": None}
+    assert saved["steps"] == {"dense": 6, "retrain": 4, "control": 4}  # control on by default
+    assert saved["control"] > 1.0  # a perplexity
     one_shot = saved["one_shot_perplexity"]
     assert sorted(one_shot) == ["magnitude", "sparsegpt", "wanda"]
     assert saved["one_shot"] == min(one_shot.values()) == one_shot[saved["method"]]

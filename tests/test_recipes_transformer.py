@@ -89,6 +89,7 @@ def test_bad_model_configs_are_rejected():
         transformer.transformer_config("huge", 100)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize_before", [False, True])
 def test_cached_decoding_equals_full_recomputation(normalize_before):
     config = tiny_config(normalize_before=normalize_before)
@@ -214,6 +215,7 @@ def test_wide_beam_search_is_exhaustive_on_random_markov_models(length_penalty):
         np.testing.assert_allclose(score[0], expected_score, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_beam_of_one_without_length_penalty_is_greedy_on_a_transformer():
     config = tiny_config(encoder_layers=1, decoder_layers=1)
     model = transformer.Transformer(config, rngs=nnx.Rngs(3))
@@ -404,6 +406,7 @@ def test_missing_or_misaligned_data_files_give_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path, capsys):
     workdir = tmp_path / "run"
     export = importlib.util.find_spec("jax2onnx") is not None

@@ -117,6 +117,7 @@ def test_match_hand_worked():
     np.testing.assert_allclose(np.asarray(boxes)[1], [0.5, 0.0, 1.0, 0.5])
 
 
+@pytest.mark.slow
 def test_match_threshold_is_strict_and_claims_survive():
     # Quadrant 0 vs [0, 0, 0.5, 0.25]: IoU exactly 0.5 (not a positive by IoU), but this ground
     # truth's best default box is quadrant 0, which it claims. A second box overlapping
@@ -307,6 +308,7 @@ def test_digits_set_layout_masks_boxes_and_determinism(digits_dir, tmp_path):
     assert not np.array_equal(other[0], first[0])
 
 
+@pytest.mark.slow
 def test_digits_set_is_cached_and_rewritten_for_another_spec(tmp_path):
     spec = digits_detection.DigitsSpec(num_train_images=3, num_val_images=2, image_size=48,
                                        min_digit_size=10, max_digit_size=20)
@@ -467,6 +469,7 @@ def test_ssd300_shapes_and_feature_maps():
         ssd.feature_sizes(model, 64)
 
 
+@pytest.mark.slow
 def test_backbone_imports_torchvision_resnet50_layout():
     """A torchvision-layout ResNet-50 state dict (here written by the ResNet recipe's exporter,
     at 1/8 width) loads into the backbone; layer4 and fc are ignored."""
