@@ -216,7 +216,7 @@ def test_smoke_run_and_resumed_run_equal_the_uninterrupted_one(tmp_path, capsys)
     assert saved["control"] > 1.0  # a perplexity
     one_shot = saved["one_shot_perplexity"]
     assert sorted(one_shot) == ["magnitude", "sparsegpt", "wanda"]
-    assert saved["one_shot"] == min(one_shot.values()) == one_shot[saved["method"]]
+    assert saved["one_shot"] == min(one_shot.values()) == one_shot[saved["one_shot_method"]]
     for name in ("metrics.jsonl", "curves.png", "sparsity_report.txt", "tokenizer.json",
                  "sparse_model.safetensors", "config.json"):
         assert (tmp_path / "whole" / name).exists(), name

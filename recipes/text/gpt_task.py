@@ -300,7 +300,7 @@ class GPTTask(workflow.Task):
 
     def extra_results(self, evals):
         methods = self.one_shot
-        return {"method": self.best_method, "seq_len": self.config.seq_len,
+        return {"one_shot_method": self.best_method, "seq_len": self.config.seq_len,
                 "one_shot_perplexity": {k: v["perplexity"] for k, v in methods.items()},
                 "one_shot_seconds": {k: v["seconds"] for k, v in methods.items()},
                 "calibration_sequences": self.config.calibration_sequences,
@@ -311,7 +311,7 @@ class GPTTask(workflow.Task):
                 for k, v in results["one_shot_perplexity"].items()]
 
     def table_note(self, results):
-        return (f"one-shot column of the first row: the best method ({results['method']}), the "
+        return (f"one-shot column of the first row: the best method ({results['one_shot_method']}), the "
                 f"one retrained; {results['eval_tokens']:,} held-out tokens in windows of "
                 f"{results['seq_len']}, {results['calibration_sequences']} calibration windows")
 
