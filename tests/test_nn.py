@@ -469,6 +469,7 @@ def _scanned_mlp():
     return model
 
 
+@pytest.mark.slow
 def test_stacked_mlp_under_scan_matches_numpy_layer_loop():
     model = _scanned_mlp()
     sparse, report = sparsify(model, report=True)
@@ -619,6 +620,7 @@ def test_every_kind_in_one_model_and_bf16_within_tolerance():
     assert np.linalg.norm(got - dense16) / np.linalg.norm(dense16) < 1e-2
 
 
+@pytest.mark.slow
 def test_densify_round_trip_every_kind():
     model = _pruned_mixed()
     back = densify(sparsify(model, report=True)[0])

@@ -66,6 +66,7 @@ def test_nnx_mlp_every_kernel_exactly_2_4(method):
     assert_exactly_2_4(model.layers[4].kernel[...], axis=0)
 
 
+@pytest.mark.slow
 def test_masks_drive_masked_training():
     params, fn = two_layer()
     batches = calibration((40, 32), count=2)
@@ -251,6 +252,7 @@ def test_reversed_kernel_statistics_in_leaf_order():
     np.testing.assert_allclose(result.report[0].stats.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_model():
     model = mlp(dtype=jnp.bfloat16)
     result = sparse_jax.nn.oneshot_prune_model(
@@ -264,6 +266,7 @@ def test_bf16_model():
         assert np.isfinite(row.error) and row.error < row.masked_error
 
 
+@pytest.mark.slow
 def test_sharded_params_same_masks_as_unsharded():
     assert len(jax.devices()) >= 8
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))

@@ -38,6 +38,7 @@ def nm_cases(draw):
     return n, m, axis, tuple(shape), dtype, seed, ties
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(nm_cases())
 def test_nm_mask_matches_numpy_reference(case):

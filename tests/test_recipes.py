@@ -95,6 +95,7 @@ def random_state_dict(shapes, seed=0):
     return state
 
 
+@pytest.mark.slow
 def test_torchvision_import_full_resnet50_keys_shapes_layouts(tmp_path):
     from safetensors.numpy import save_file
 

@@ -181,6 +181,7 @@ def digits_dir(tmp_path_factory):
                                                spec=spec, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_coco_segm_ap_is_one_on_ground_truth_fed_back(digits_dir):
     source = coco_data.CocoDetectionSource(digits_dir, "val2017", masks=True)
     records, pasted_records = [], []

@@ -339,6 +339,7 @@ def test_full_size_xception_timm_keys_and_shapes():
     assert "block12.rep.5.running_var" in ours and "block1.rep.4.running_var" in ours
 
 
+@pytest.mark.slow
 def test_xception_timm_import_gives_timm_layout_logits(tmp_path):
     from safetensors.numpy import save_file
 
