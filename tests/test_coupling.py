@@ -46,6 +46,7 @@ def test_mlp_hidden_channels():
     assert "output" in group_of(coupling, ("w3", 1)).reason
 
 
+@pytest.mark.slow
 def test_resnet_block_with_downsample():
     coupling = coupling_of(ResNetBlock(nnx.Rngs(0)))
     assert permutable_sets(coupling) == {

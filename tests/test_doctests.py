@@ -36,7 +36,10 @@ def test_public_modules_are_found():
     assert sparse_jax.prune.__module__ in found
 
 
-@pytest.mark.parametrize("name", public_modules())
+# sparse_jax.export's examples build and check ONNX models (7 s): with the slow tests.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
+                                  if name == "sparse_jax.export" else name
+                                  for name in public_modules()])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, raise_on_error=False, verbose=False)

@@ -60,7 +60,8 @@ def run_onnx(model_proto, x):
 
 @pytest.mark.parametrize(
     "make, shape",
-    [(lambda: CNN(nnx.Rngs(0)), (2, 10, 10, 8)), (lambda: TransformerBlock(nnx.Rngs(1)), (2, 6, 16))],
+    [(lambda: CNN(nnx.Rngs(0)), (2, 10, 10, 8)),
+     pytest.param(lambda: TransformerBlock(nnx.Rngs(1)), (2, 6, 16), marks=pytest.mark.slow)],
     ids=["cnn", "transformer_block"],
 )
 def test_export_matches_jax_and_inspector_sees_2_4(tmp_path, make, shape):

@@ -96,7 +96,7 @@ def test_portable_kernel_transposed_matches_numpy(m, k, n, tiles, dtype):
 @pytest.mark.parametrize(
     "m, k, n, dtype, tiles",
     [
-        (70, 256, 128, jnp.bfloat16, Tiles(64, 128, 64)),
+        pytest.param(70, 256, 128, jnp.bfloat16, Tiles(64, 128, 64), marks=pytest.mark.slow),
         (1, 96, 64, jnp.float16, Tiles(64, 64, 64)),
     ],
 )

@@ -275,13 +275,14 @@ def test_linear_general_matches_numpy(in_features, out_features, axis, x_shape, 
             1,
             False,
         ),  # contracted axis in the middle
-        (
+        pytest.param(
             "btnh,nhd->btd",
             (2, 8, 6),
             None,
             (2, 3, 2, 8),
             1,
             True,
+            marks=pytest.mark.slow,
         ),  # two contracted, innermost padded
         ("...d,dn->n...", (12, 5), (5,), (2, 3, 12), 0, False),  # ellipsis, output transposed
     ],

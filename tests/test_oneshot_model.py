@@ -228,6 +228,7 @@ def im2col_hessian(images, kh, kw):
     return total
 
 
+@pytest.mark.slow
 def test_conv_statistics_are_the_im2col_hessian():
     conv = nnx.Conv(8, 16, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
     batches = calibration((2, 6, 6, 8), count=2)

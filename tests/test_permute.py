@@ -28,7 +28,8 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "resnet"
+                                  else name for name in sorted(MODELS)])
 def test_random_permutations_keep_the_function(name):
     graphdef, state = randomized(MODELS[name](), seed=1)
     fn = eval_fn(graphdef)

@@ -173,6 +173,7 @@ def test_level_mapping_by_hand():
                                   [2, 1, 0, 0, 3, 3, 1])
 
 
+@pytest.mark.slow
 def test_multiscale_roi_align_reads_each_roi_from_its_level():
     rng = np.random.default_rng(2)
     image = 256
@@ -217,6 +218,7 @@ def test_fixed_size_nms_equals_greedy_host_nms(seed):
     np.testing.assert_array_equal(np.asarray(index)[np.asarray(ok)], expected[:10])
 
 
+@pytest.mark.slow
 def test_nms_vmaps_over_independent_sets():
     rng = np.random.default_rng(3)
     boxes = np.stack([random_boxes(rng, 30) for _ in range(3)])
@@ -277,6 +279,7 @@ def test_balanced_sampler_is_random_and_uniform():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mask_targets_crop_the_matched_mask():
     masks = np.zeros((2, 40, 40), np.uint8)
     masks[0, 10:30, 10:20] = 1  # left half of the box [10, 10, 30, 30]

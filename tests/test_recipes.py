@@ -183,6 +183,7 @@ def torch_layout_forward(sd, x_nchw, stages):
     return jnp.matmul(x, sd["fc.weight"].T, precision=hi) + sd["fc.bias"].reshape(1, -1)
 
 
+@pytest.mark.slow
 def test_imported_weights_give_torch_layout_logits(small_resnet50):
     """Same logits as torchvision's forward for odd-sized inputs (exercises explicit padding)."""
     state_dict = random_state_dict(torchvision_resnet_shapes(width=8, num_classes=10), seed=3)

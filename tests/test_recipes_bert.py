@@ -55,6 +55,7 @@ def large_params():
     return abstract_params(bert.SIZES["large"])  # shapes only, no memory
 
 
+@pytest.mark.slow
 def test_large_parameter_count_matches_the_architecture(large_params):
     # Published sizes: bert-large-uncased 335,141,888; bert-base-uncased 109,482,240.
     assert bert_parameter_formula(30522, 1024, 24, 4096) == 335_141_888
@@ -503,6 +504,7 @@ def test_mlm_masking_follows_bert(word_tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_gives_the_full_scale_commands():
     out = subprocess.run([sys.executable, os.path.join(REPO, "recipes", "bert_large_squad.py"),
                           "--help"], capture_output=True, text=True, check=True).stdout

@@ -40,6 +40,7 @@ def test_full_model_parameter_count_is_torchvisions():
     assert sum(x.size for x in jax.tree.leaves(params)) == 44_401_393
 
 
+@pytest.mark.slow
 def test_pruning_plan_of_the_full_model():
     abstract = nnx.eval_shape(lambda: maskrcnn.MaskRCNN(maskrcnn.ModelConfig(), rngs=nnx.Rngs(0)))
     # The task's rules: sparse_jax's defaults (the workflow passes pruning_rules=None).
@@ -114,6 +115,7 @@ def _export_torchvision_state_dict(model):
     return out
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_old_names_and_errors():
     model = maskrcnn.create_model(SMALL, seed=1)
     exported = _export_torchvision_state_dict(model)

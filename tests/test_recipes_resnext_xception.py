@@ -145,6 +145,7 @@ def test_full_size_xception_rules_skip_depthwise_prune_pointwise_and_fc():
     assert all(p.path.endswith("kernel") for p in plans if p.pruned)
 
 
+@pytest.mark.slow
 def test_full_size_resnext101_rules_prune_grouped_convs_along_per_group_inputs():
     plans = sparse_jax.plan_tree(abstract_params(lambda: models.ResNeXt101_32x8d(rngs=nnx.Rngs(0))))
     kernels = {p.path: p for p in plans if p.path.endswith("kernel")}
@@ -371,6 +372,7 @@ def test_xception_timm_import_gives_timm_layout_logits(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_xception_timm_import_rejects_wrong_shapes_and_keys():
     model = nnx.jit(lambda: xception.Xception(num_classes=10, width_multiplier=0.25,
                                               middle_blocks=1, rngs=models.init_rngs(0)))()
@@ -476,6 +478,7 @@ def test_full_size_resnext101_torchvision_keys_and_shapes():
     assert ours["layer3.22.conv2.weight"] == (1024, 32, 3, 3)  # 32 groups of 32 channels
 
 
+@pytest.mark.slow
 def test_resnext_torchvision_import_gives_torch_layout_logits(tmp_path):
     from safetensors.numpy import save_file
 

@@ -75,6 +75,7 @@ def test_big_model_parameter_count_is_fairseqs():
     assert model_parameter_count(transformer.transformer_config("big", 32768)) == expected
 
 
+@pytest.mark.slow
 def test_base_and_pre_norm_parameter_counts():
     assert (model_parameter_count(transformer.transformer_config("base", 32768))
             == fairseq_parameter_count(32768, 512, 2048, 6, 6))
@@ -112,6 +113,7 @@ def test_cached_decoding_equals_full_recomputation(normalize_before):
     np.testing.assert_allclose(alone, full[:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_with_a_key():
     model = transformer.Transformer(tiny_config(dropout=0.3, encoder_layers=1, decoder_layers=1),
                                     rngs=nnx.Rngs(0))

@@ -187,6 +187,7 @@ def _loss_by_brute_force(pred, logits, target, labels):
     return float(np.mean(total))
 
 
+@pytest.mark.slow
 def test_ssd_loss_matches_brute_force():
     rng = np.random.default_rng(1)
     pred = rng.normal(0, 1.5, (3, 40, 4)).astype(np.float32)
@@ -497,6 +498,7 @@ def test_backbone_imports_torchvision_resnet50_layout():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_help_shows_the_full_scale_command():
     result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "recipes", "ssd_rn50.py"),
                              "--help"], capture_output=True, text=True, timeout=60)

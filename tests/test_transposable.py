@@ -151,6 +151,7 @@ def dense_reference_layer(kernel, mask, bias, x):
     return x @ jnp.where(mask, kernel, 0.0) + bias
 
 
+@pytest.mark.slow
 def test_transposable_sparse_linear_forward_and_gradients_equal_dense_masked():
     rng = np.random.default_rng(5)
     kernel = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)

@@ -106,6 +106,13 @@ def builtin_config() -> MaskRCNNConfig:
         max_eval_images=250)
 
 
+def converged_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
+    """``--preset converged``: twice the built-in steps (the lr steps at the same fractions),
+    three box/mask AP evaluations over each phase's second half (AP is slow on the CPU)."""
+    return config.replace(num_train_steps=2 * config.num_train_steps, control=True,
+                          plateau_evals=2)
+
+
 def smoke_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
     """A tiny model and three steps of every phase (checkpoints, COCO evaluation, plot)."""
     return config.replace(
@@ -307,6 +314,7 @@ class MaskRCNNTask(workflow.Task):
         return coco_data.config_of(args, coco_config, builtin_config)
 
     smoke_config = staticmethod(smoke_config)
+    converged_config = staticmethod(converged_config)
     dataset_of = staticmethod(coco_data.dataset_of)
 
     def setup(self) -> dict[str, Any]:

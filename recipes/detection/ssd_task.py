@@ -111,6 +111,14 @@ def builtin_config() -> SSDConfig:
         checkpoint_every_steps=200)
 
 
+def converged_config(config: SSDConfig) -> SSDConfig:
+    """``--preset converged``: four times the built-in epochs (the lr milestones at the same
+    fractions), bbAP over each phase's second half."""
+    return config.replace(num_epochs=4 * config.num_epochs,
+                          lr_milestones=tuple(4 * m for m in config.lr_milestones),
+                          control=True, plateau_evals=4)
+
+
 def smoke_config(config: SSDConfig) -> SSDConfig:
     """A tiny model and a few steps of everything (phases, checkpoints, COCO eval, plot)."""
     return config.replace(
@@ -320,6 +328,7 @@ class SSDTask(workflow.Task):
         return coco_data.config_of(args, coco_config, builtin_config)
 
     smoke_config = staticmethod(smoke_config)
+    converged_config = staticmethod(converged_config)
     dataset_of = staticmethod(coco_data.dataset_of)
 
     def setup(self) -> dict[str, Any]:

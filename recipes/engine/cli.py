@@ -114,6 +114,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_name: str, set_exa
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps: runs every "
                         "code path (all phases, checkpoints, plot) in well under a minute")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--preset", choices=("converged",),
+                        help="converged: the built-in run trained until the dense phase's "
+                        "held-out metric is flat, retraining and control on the same schedule "
+                        "(longer: see the recipe's README table); results.json 'last_quarter'")
     parser.add_argument("--seeds", type=int, default=1, metavar="K",
                         help="run the whole workflow K times (seeds seed .. seed+K-1, each in "
                         "WORKDIR/seed<s>) and report the mean and spread (WORKDIR/seeds.json)")
@@ -138,6 +142,15 @@ def build_parser(task_class, description: str, epilog: str) -> argparse.Argument
 
 def config_from_args(task_class, args: argparse.Namespace, model: str):
     config = task_class.configs(args, model).replace(model=model)
+    if args.preset:
+        full_scale = [flag for flag in ("--data-dir", "--train-file", "--predict-file")
+                      if getattr(args, flag[2:].replace("-", "_"), None)]
+        preset = None if full_scale else task_class.converged_config(config)
+        if preset is None:
+            raise SystemExit(f"--preset {args.preset}: {model} has it for the built-in data only"
+                             + (f" (drop {', '.join(full_scale)})" if full_scale else
+                                " and this task has none"))
+        config = preset
     if args.smoke:
         config = task_class.smoke_config(config)
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -156,8 +169,9 @@ def main(task_class, model: str, description: str, epilog: str,
     config = config_from_args(task_class, args, model)
     from recipes.engine import workflow
 
+    suffixes = [name for name in (args.preset, "smoke" if args.smoke else None) if name]
     workdir = args.workdir or os.path.join(
-        "runs", f"{model}_{task_class.dataset_of(args)}{'_smoke' if args.smoke else ''}")
+        "runs", "_".join([f"{model}_{task_class.dataset_of(args)}", *suffixes]))
     started = time.time()
     if args.seeds != 1:
         from recipes.engine import seeds

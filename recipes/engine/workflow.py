@@ -83,6 +83,10 @@ class WorkflowConfig:
     sparsity_n: int = 2
     sparsity_m: int = 4
     control: bool = False  # also train the dense model for the retraining steps
+    # > 0: the engine adds held-out evaluations at this many + 1 evenly spaced steps over the
+    # last half of every phase; results.json "last_quarter" then tells whether each phase's
+    # held-out metric was still moving (the converged presets set it)
+    plateau_evals: int = 0
     seed: int = 0
     log_every_steps: int = 100
     checkpoint_every_steps: int = 1000
@@ -209,6 +213,12 @@ class Task:
     def set_phase_steps(self, steps: int) -> None:
         """The next phases have ``steps`` steps (SR-STE: dense + retrain together)."""
         self.steps = steps
+
+    @staticmethod
+    def converged_config(config):
+        """``--preset converged``: the built-in ``config`` trained until the dense phase's
+        held-out metric is flat (longer, same recipe otherwise); None: the task has none."""
+        return None
 
     def forward(self, variables: dict[str, Any], batch: dict) -> Any:
         """Inference over ``variables`` (the model state without the optimizer) and one training
@@ -386,6 +396,44 @@ def run_phase(wf: Workflow, phase: str, state: dict, train_step: Callable, batch
     bar.close()
     ckpt.close()
     return state, progress
+
+
+def plateau_steps(total_steps: int, count: int) -> set[int]:
+    """``count + 1`` evenly spaced steps over the second half of a ``total_steps`` phase."""
+    if count <= 0:
+        return set()
+    return {max(1, round(total_steps * (0.5 + j / (2 * count)))) for j in range(count + 1)}
+
+
+def with_plateau_evals(task: Task, eval_during: Callable, total_steps: int, count: int,
+                       evaluated: Callable[[dict], dict] = lambda state: state) -> Callable:
+    """``eval_during`` that also evaluates the headline metric at ``plateau_steps`` (on
+    ``evaluated(state)``), where the task's own schedule gives no headline there."""
+    extra = plateau_steps(total_steps, count)
+    if not extra:
+        return eval_during
+
+    def during(state, phase: str, step: int):
+        record, final = eval_during(state, phase, step)
+        if step in extra and (record is None or record.get("metric") is None):
+            record = {**(record or {}), **task.eval_record(task.evaluate(evaluated(state), phase))}
+        return record, final
+
+    return during
+
+
+def last_quarter(records: list[dict], phase: str, total_steps: int) -> dict | None:
+    """The held-out headline over the last quarter of ``phase``: its steps and values, the
+    change from the first of them to the last and their spread (max - min); None with fewer
+    than two evaluations there."""
+    held_out = sorted((r["step"], r["metric"]) for r in records
+                      if r["phase"] == phase and r.get("split") != "train" and r["step"] > 0
+                      and r.get("metric") is not None and r["step"] >= 0.75 * total_steps)
+    if len(held_out) < 2:
+        return None
+    values = [v for _, v in held_out]
+    return {"steps": [s for s, _ in held_out], "values": values,
+            "change": values[-1] - values[0], "spread": max(values) - min(values)}
 
 
 def prepare_workdir(workdir: str, resume: bool, overwrite: bool,
@@ -620,11 +668,14 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     project = functools.partial(sparse_jax.srste_project, n=n, m=m, rules=task.pruning_rules,
                                 transposable=config.transposable)
 
+    def projected(state):
+        return {**state, "params": jax.jit(project)(state["params"])}
+
     def srste_eval_during(state, phase, step):
         # Held-out evaluations see the weights the forward pass uses: the n:m projection.
         if step not in task.eval_steps() and step != task.steps:
             return task.eval_during(state, phase, step)
-        return task.eval_during({**state, "params": jax.jit(project)(state["params"])}, phase, step)
+        return task.eval_during(projected(state), phase, step)
 
     def train(phase: str, model_state: dict, masks=None, kind: str | None = None,
               seed_phase: str | None = None) -> tuple[dict, dict]:
@@ -657,9 +708,11 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
                 compiled[kind] = task.train_step(tx)
         seed = config.seed + task.seed_offsets.get(seed_phase or phase, 0)
         batches = task.train_batches(phase, seed)
+        eval_during = with_plateau_evals(
+            task, srste_eval_during if kind == "sr-ste" else task.eval_during, total_steps,
+            config.plateau_evals, projected if kind == "sr-ste" else (lambda state: state))
         state, progress = run_phase(wf, phase, state, compiled[kind], batches, total_steps,
-                                    srste_eval_during if kind == "sr-ste" else task.eval_during,
-                                    resume)
+                                    eval_during, resume)
         wf.print(f"[{phase}] {task.describe(progress['eval'])}")
         return state, progress
 
@@ -756,6 +809,10 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     final_steps = task.steps if srste else task.phase_steps("retrain")
     phase_steps_run = ({"sr-ste": final_steps} if srste else
                        {"dense": dense_steps, "retrain": final_steps})
+    phase_totals = {**phase_steps_run, "control": task.phase_steps("control") if control else 0}
+    records = log.read()
+    plateaus = {phase: last_quarter(records, phase, total)
+                for phase, total in phase_totals.items() if total}
     results = {
         "model": task.model_name,
         "dataset": task.dataset_name,
@@ -772,6 +829,8 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         "permute": config.permute,
         "recalibrate_bn": config.recalibrate_bn,
         **extra,
+        # the held-out headline over each phase's last quarter (converged: change ~ 0)
+        "last_quarter": {k: v for k, v in plateaus.items() if v is not None} or None,
         "training_seconds": round(sum(seconds.values()), 1),
         "cpu_seconds": round(_cpu_seconds() - cpu_started, 1),
         "seconds": round(time.time() - started, 1),
@@ -841,6 +900,13 @@ def results_table(task: Task, results: dict[str, Any]) -> str:
     lines.append((note + "; " if note else "") + "steps: " + ", ".join(
         f"{k} {v}" for k, v in steps.items() if v) + f"; {results['seconds']:.0f} s on "
         f"{results['devices']} {results['platform']} device(s)")
+    if results.get("last_quarter"):
+        lines.append(f"held-out {task.label} over the last quarter of each phase (converged: "
+                     "change ~ 0): " + "; ".join(
+                         f"{phase} {format_value(q['values'][0], task.percent)} -> "
+                         f"{format_value(q['values'][-1], task.percent)} ({len(q['values'])} "
+                         f"evaluations, spread {format_value(q['spread'], task.percent)})"
+                         for phase, q in results["last_quarter"].items()))
     return "\n".join(lines)
 
 

@@ -83,6 +83,12 @@ def builtin_config() -> QAConfig:
         eval_batch_size=128, log_every_steps=50, checkpoint_every_steps=500, control=True)
 
 
+def converged_config(config: QAConfig) -> QAConfig:
+    """``--preset converged``: 2.5 times the built-in fine-tuning steps per phase (its dense F1
+    still rose by 22 in the control's extra 2,000), F1 over each phase's second half."""
+    return config.replace(num_train_steps=5000, control=True, plateau_evals=4)
+
+
 def smoke_config(base: QAConfig) -> QAConfig:
     """A tiny model and a few steps that run every code path (bf16 compute, as at full scale)."""
     return base.replace(
@@ -364,6 +370,7 @@ class QuestionAnsweringTask(workflow.Task):
         return config.replace(train_file=args.train_file, predict_file=args.predict_file)
 
     smoke_config = staticmethod(smoke_config)
+    converged_config = staticmethod(converged_config)
 
     @staticmethod
     def dataset_of(args: argparse.Namespace) -> str:

@@ -16,7 +16,8 @@ from flax import nnx
 
 from recipes.engine import cli, workflow
 from recipes.vision import input_pipeline, models, weights, xception
-from recipes.vision.configs import Config, builtin_config, imagenet_config, smoke_config
+from recipes.vision.configs import (Config, builtin_config, converged_config, imagenet_config,
+                                    smoke_config)
 
 
 def create_model(config: Config, info: input_pipeline.DatasetInfo):
@@ -161,6 +162,7 @@ class ClassificationTask(workflow.Task):
         return (imagenet_config if args.data_dir else builtin_config)(model)
 
     smoke_config = staticmethod(smoke_config)
+    converged_config = staticmethod(converged_config)
 
     @staticmethod
     def dataset_of(args: argparse.Namespace) -> str:

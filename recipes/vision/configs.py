@@ -96,6 +96,13 @@ def builtin_config(model: str = "resnet50") -> Config:
     ).replace(model=model, **BUILTIN.get(model, {}))
 
 
+def converged_config(base: Config) -> Config:
+    """``--preset converged``: the built-in schedule stretched to twice the epochs (the lr steps
+    at the same fractions), held-out evaluations over each phase's second half, the control on."""
+    return base.replace(num_epochs=2 * base.num_epochs, lr_step_epochs=2 * base.lr_step_epochs,
+                        warmup_epochs=2 * base.warmup_epochs, control=True, plateau_evals=4)
+
+
 def smoke_config(base: Config) -> Config:
     """A tiny model and a handful of steps that still run every code path (tests use it)."""
     imagenet = base.dataset == "imagenet"

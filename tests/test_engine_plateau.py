@@ -1,0 +1,122 @@
+"""--preset converged and the engine's plateau evaluations (recipes/engine/workflow.py, cli.py)."""
+
+import json
+
+import pytest
+
+from recipes.engine import cli, workflow
+
+
+def test_plateau_steps_cover_the_second_half_evenly():
+    assert workflow.plateau_steps(8, 4) == {4, 5, 6, 7, 8}
+    assert workflow.plateau_steps(1000, 4) == {500, 625, 750, 875, 1000}
+    assert workflow.plateau_steps(1000, 0) == set()
+    for total in (1, 2, 3, 7, 101):  # every step inside the phase's second half
+        steps = workflow.plateau_steps(total, 3)
+        assert steps and all(total / 2 - 0.5 <= s <= total and s >= 1 for s in steps)
+        assert max(steps) == total
+
+
+def test_last_quarter_by_hand():
+    records = [
+        {"phase": "dense", "step": 100, "split": "train", "metric": 0.1},  # train: ignored
+        {"phase": "dense", "step": 50, "split": "eval", "metric": 0.50},  # before 3/4: ignored
+        {"phase": "dense", "step": 75, "split": "eval", "metric": 0.80},
+        {"phase": "dense", "step": 90, "split": "valid", "metric": 0.90},
+        {"phase": "dense", "step": 95, "split": "valid", "metric": None},  # loss only: ignored
+        {"phase": "dense", "step": 100, "split": "eval", "metric": 0.85},
+        {"phase": "retrain", "step": 100, "split": "eval", "metric": 0.2},
+        {"phase": "one_shot", "step": 0, "split": "eval", "metric": 0.3},
+    ]
+    quarter = workflow.last_quarter(records, "dense", 100)
+    assert quarter["steps"] == [75, 90, 100]
+    assert quarter["values"] == [0.80, 0.90, 0.85]
+    assert quarter["change"] == pytest.approx(0.05)
+    assert quarter["spread"] == pytest.approx(0.10)
+    assert workflow.last_quarter(records, "retrain", 100) is None  # one evaluation only
+    assert workflow.last_quarter(records, "control", 100) is None
+
+
+class CountingTask:
+    """Evaluates to the step it was asked at; its own schedule evaluates every 4th step."""
+
+    headline = "top1"
+
+    def __init__(self):
+        self.evaluated, self.seen = [], []
+
+    def evaluate(self, state, phase):
+        self.evaluated.append(state["step"])
+        if state.get("seen"):
+            self.seen.append(state["step"])
+        return {"top1": state["step"] / 100}
+
+    def eval_record(self, result):
+        return {"split": "eval", "loss": None, "metric": result["top1"]}
+
+    def eval_during(self, state, phase, step):
+        if step % 4:
+            return None, None
+        return self.eval_record(self.evaluate(state, phase)), None
+
+
+def test_plateau_evaluations_only_where_the_task_gives_no_headline():
+    task = CountingTask()
+    during = workflow.with_plateau_evals(task, task.eval_during, 10, 4,
+                                         evaluated=lambda state: {**state, "seen": True})
+    records = {}
+    for step in range(1, 11):
+        record, _ = during({"step": step}, "dense", step)
+        if record is not None:
+            records[step] = record["metric"]
+    # The task's own steps 4 and 8, and the plateau steps {5, 6, 8, 9, 10} (8 only once).
+    assert sorted(records) == [4, 5, 6, 8, 9, 10]
+    assert task.evaluated == [4, 5, 6, 8, 9, 10]
+    assert records[9] == pytest.approx(0.09)
+    assert task.seen == [5, 6, 9, 10]  # the plateau evaluations saw evaluated(state)
+    assert workflow.with_plateau_evals(task, task.eval_during, 10, 0) == task.eval_during
+
+
+def test_preset_on_the_command_line():
+    from recipes.vision import classification_task as vision
+
+    task = vision.ClassificationTask
+    default = cli.config_from_args(task, cli.build_parser(task, "", "").parse_args([]), "resnet50")
+    args = cli.build_parser(task, "", "").parse_args(["--preset", "converged"])
+    config = cli.config_from_args(task, args, "resnet50")
+    assert config.num_epochs == 2 * default.num_epochs
+    assert config.lr_step_epochs == 2 * default.lr_step_epochs
+    assert config.control and config.plateau_evals == 4 and default.plateau_evals == 0
+    resnext = cli.config_from_args(task, args, "resnext101_32x8d")
+    assert resnext.control  # off in the default, on in the preset
+    full = cli.build_parser(task, "", "").parse_args(["--preset", "converged", "--data-dir", "x"])
+    with pytest.raises(SystemExit, match="built-in data only.*--data-dir"):
+        cli.config_from_args(task, full, "resnet50")
+
+
+def test_a_task_without_the_preset_says_so():
+    from recipes.text import gpt_task
+
+    task = gpt_task.GPTTask
+    args = cli.build_parser(task, "", "").parse_args(["--preset", "converged"])
+    with pytest.raises(SystemExit, match="has none"):
+        cli.config_from_args(task, args, "gpt")
+
+
+@pytest.mark.slow
+def test_preset_smoke_reports_the_last_quarter(tmp_path):
+    from recipes.vision import classification_task
+
+    results = classification_task.main(
+        "resnet50", "test", "", ["--preset", "converged", "--smoke", "--no-progress",
+                                 "--workdir", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    total = results["steps"]["dense"]
+    held_out = {r["step"]: r["metric"] for r in records
+                if r["phase"] == "dense" and r["split"] != "train" and r["step"] > 0}
+    assert workflow.plateau_steps(total, 4) <= set(held_out)
+    quarter = results["last_quarter"]["dense"]
+    expected = [held_out[s] for s in sorted(held_out) if s >= 0.75 * total]
+    assert quarter["values"] == pytest.approx(expected)
+    assert quarter["spread"] == pytest.approx(max(expected) - min(expected))
+    assert set(results["last_quarter"]) == {"dense", "retrain", "control"}
