@@ -99,6 +99,18 @@ class SparseKernelLayer(nnx.Module):
         """The decompressed (masked dense) kernel, stacked axes included."""
         return decompress(self.kernel)
 
+    def _dense_equivalent(self, layer_class: type, *args, takes_use_bias: bool = True, **kwargs):
+        """``layer_class(*args, **kwargs)`` (an nnx layer) with this layer's dtypes, its
+        decompressed kernel and its bias (and their variable metadata)."""
+        if takes_use_bias:  # (nnx.Einsum has a bias_shape instead)
+            kwargs["use_bias"] = self.bias is not None
+        layer = layer_class(*args, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0), **kwargs)
+        layer.kernel = _new_variable(nnx.Param, self.dense_kernel(), _metadata(self.values))
+        if self.bias is not None:
+            layer.bias = _new_variable(nnx.Param, self.bias[...], _metadata(self.bias))
+        return layer
+
     def _layer_kernel(self, dtype) -> Sparse24:
         """One layer's kernel in the computation dtype; fails clearly on stacked values."""
         values = self.values[...]

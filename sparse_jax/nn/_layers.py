@@ -30,7 +30,6 @@ from sparse_jax._compressed import Sparse24, decompress
 from sparse_jax._matmul import matmul
 from sparse_jax.nn._base import (
     SparseKernelLayer,
-    _metadata,
     _new_variable,
     carried_over,
     compress_layer_kernel,
@@ -47,13 +46,6 @@ def _tuple(x) -> tuple[int, ...]:
 
 def _bias_variable(bias, metadata):
     return _new_variable(nnx.Param, bias, dict(metadata or {})) if bias is not None else None
-
-
-def _set_dense(layer: nnx.Module, sparse: SparseKernelLayer) -> nnx.Module:
-    layer.kernel = _new_variable(nnx.Param, sparse.dense_kernel(), _metadata(sparse.values))
-    if sparse.bias is not None:
-        layer.bias = _new_variable(nnx.Param, sparse.bias[...], _metadata(sparse.bias))
-    return layer
 
 
 def _compute_dtype(layer, x) -> jnp.dtype:
@@ -142,17 +134,9 @@ class SparseLinearGeneral(SparseKernelLayer):
 
     def to_dense(self) -> nnx.LinearGeneral:
         """The equivalent ``nnx.LinearGeneral`` with the decompressed kernel."""
-        layer = nnx.LinearGeneral(
-            self.in_features,
-            self.out_features,
-            axis=self.feature_axes,
-            use_bias=self.bias is not None,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nnx.initializers.zeros_init(),
-            rngs=nnx.Rngs(0),
+        return self._dense_equivalent(
+            nnx.LinearGeneral, self.in_features, self.out_features, axis=self.feature_axes
         )
-        return _set_dense(layer, self)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         x = jnp.asarray(x)
@@ -314,17 +298,10 @@ class SparseEinsum(SparseKernelLayer):
     def to_dense(self) -> nnx.Einsum:
         """The equivalent ``nnx.Einsum`` with the decompressed kernel."""
         bias_shape = None if self.bias is None else tuple(self.bias[...].shape[self.stacked :])
-        layer = nnx.Einsum(
-            self.einsum_str,
-            self.kernel_shape,
-            bias_shape,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nnx.initializers.zeros_init(),
+        return self._dense_equivalent(
+            nnx.Einsum, self.einsum_str, self.kernel_shape, bias_shape, takes_use_bias=False,
             bias_init=nnx.initializers.zeros_init(),
-            rngs=nnx.Rngs(0),
         )
-        return _set_dense(layer, self)
 
     def __call__(self, x: jax.Array, einsum_str: str | None = None, out_sharding=None) -> jax.Array:
         if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
@@ -490,7 +467,8 @@ class SparseConv(SparseKernelLayer):
     def to_dense(self) -> nnx.Conv:
         """The equivalent ``nnx.Conv`` with the decompressed kernel."""
         padding = self.padding if isinstance(self.padding, str) else list(self.padding)
-        layer = nnx.Conv(
+        return self._dense_equivalent(
+            nnx.Conv,
             self.in_features,
             self.out_features,
             self.kernel_size,
@@ -499,14 +477,8 @@ class SparseConv(SparseKernelLayer):
             input_dilation=self.input_dilation,
             kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count,
-            use_bias=self.bias is not None,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
             precision=self.precision,
-            kernel_init=nnx.initializers.zeros_init(),
-            rngs=nnx.Rngs(0),
         )
-        return _set_dense(layer, self)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         x = jnp.asarray(x)

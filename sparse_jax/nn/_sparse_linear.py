@@ -11,7 +11,6 @@ from sparse_jax._matmul import matmul
 from sparse_jax.nn._base import (
     SparseKernelLayer,
     SparseMeta,
-    _metadata,
     _new_variable,
     carried_over,
     compress_layer_kernel,
@@ -115,19 +114,7 @@ class SparseLinear(SparseKernelLayer):
 
     def to_linear(self) -> nnx.Linear:
         """The equivalent ``nnx.Linear`` with the decompressed (masked dense) kernel."""
-        linear = nnx.Linear(
-            self.in_features,
-            self.out_features,
-            use_bias=self.bias is not None,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nnx.initializers.zeros_init(),
-            rngs=nnx.Rngs(0),
-        )
-        linear.kernel = _new_variable(nnx.Param, self.dense_kernel(), _metadata(self.values))
-        if self.bias is not None:
-            linear.bias = _new_variable(nnx.Param, self.bias[...], _metadata(self.bias))
-        return linear
+        return self._dense_equivalent(nnx.Linear, self.in_features, self.out_features)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         values = self.values[...]
