@@ -235,3 +235,31 @@ def test_smoke_run_and_resumed_run_equal_the_uninterrupted_one(tmp_path, capsys)
     resumed = gpt_task.train_and_evaluate(config, str(tmp_path / "resumed"), resume=True)
     for key in ("dense", "one_shot", "sparse", "one_shot_perplexity"):
         assert resumed[key] == whole[key], key
+
+
+@pytest.mark.slow
+def test_srste_smoke_ends_exactly_2_4_after_dense_plus_retrain_steps(tmp_path):
+    from safetensors.numpy import load_file
+
+    results = gpt_task.main("gpt", "", "", ["--smoke", "--method", "sr-ste", "--no-progress",
+                                           "--workdir", str(tmp_path)])
+    config = gpt_task.smoke_config(gpt_task.builtin_config())
+    total = config.num_train_steps + config.retrain_steps  # SR-STE: one phase as long as both
+    assert results["steps"] == {"sr-ste": total, "control": total}
+    assert results["dense"] is None and results["one_shot"] is None
+    assert results["one_shot_method"] is None and results["exactly_nm_sparse"] is True
+    assert results["sparse"] > 1.0 and results["control"] > 1.0  # perplexities
+    # The exported model, read back with NumPy: every pruned kernel (Conv1D, (in, out)) keeps
+    # at most 2 of every 4 consecutive inputs.
+    weights = load_file(str(tmp_path / "sparse_model.safetensors"))
+    kernels = [k for k in weights if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight",
+                                                 "mlp.c_fc.weight", "mlp.c_proj.weight"))]
+    assert len(kernels) == 4 * config.n_layer
+    for name in kernels:
+        w = weights[name]
+        groups = (w.reshape(w.shape[0] // 4, 4, w.shape[1]) != 0).sum(axis=1)
+        assert groups.max() <= 2, name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records if r["phase"] == "sr-ste") == total
+    assert all(r.get("mask_flip_fraction") is not None
+               for r in records if r["phase"] == "sr-ste" and r["split"] == "train")

@@ -730,7 +730,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     seconds, extra = {}, {}
     if srste:
         # 1-3. SR-STE from the random init, as many steps as dense + retrain together.
-        task.set_phase_steps(2 * steps)
+        task.set_phase_steps(task.phase_steps("dense") + task.phase_steps("retrain"))
         state, progress = train("sr-ste", model_state, kind="sr-ste",
                                 seed_phase="sr-ste" if "sr-ste" in task.seed_offsets else "dense")
         pruned, masks = jax.jit(sparse_jax.srste_finalize)(state["params"], state["opt_state"])

@@ -163,7 +163,8 @@ class GPTTask(workflow.Task):
                                            dtype=config.compute_dtype)
         self.graphdef, params = nnx.split(gpt.GPT(self.model_cfg, nnx.Rngs(config.seed)), nnx.Param)
         self.steps = config.num_train_steps
-        self.phase, self.one_shot = "dense", {}
+        self.phase, self.one_shot, self.best_method = "dense", {}, None
+        self.srste_steps = 0  # --method sr-ste: the steps of its one phase (and of the control)
         replicated, data = workflow.shardings(self.wf.mesh)
 
         def eval_step(params, tokens, weights):
@@ -181,10 +182,21 @@ class GPTTask(workflow.Task):
 
     def phase_steps(self, phase: str) -> int:
         self.phase = phase  # asked first in each phase: optimizer() then builds its schedule
+        if self.srste_steps:
+            return self.srste_steps
         return self.steps if phase == "dense" else self.config.retrain_steps
 
+    projects_loss_params = True  # train_step's loss sees self.params_projection's params
+
+    def set_phase_steps(self, steps: int) -> None:
+        # SR-STE: one phase from the random init, as long as dense + retrain, with the dense
+        # peak learning rate; its control as long.
+        super().set_phase_steps(steps)
+        self.srste_steps = steps
+
     def optimizer(self, params):
-        config, dense = self.config, self.phase == "dense"
+        # From the random init (dense, SR-STE and its control): the dense peak learning rate.
+        config, dense = self.config, self.phase == "dense" or self.srste_steps > 0
         peak = config.learning_rate if dense else config.retrain_learning_rate
         total = max(self.phase_steps(self.phase), config.warmup_steps + 1)
         self.schedule = optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup_steps, total,
@@ -195,13 +207,13 @@ class GPTTask(workflow.Task):
 
     def train_step(self, tx):
         replicated, data = workflow.shardings(self.wf.mesh)
-        graphdef = self.graphdef
+        graphdef, project = self.graphdef, self.params_projection
 
         def step(state, batch):
             tokens = batch["tokens"]
 
             def loss_fn(params):
-                logits = nnx.merge(graphdef, params)(tokens)
+                logits = nnx.merge(graphdef, params if project is None else project(params))(tokens)
                 return next_token_nll(logits, tokens).mean(), logits
 
             (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -300,20 +312,25 @@ class GPTTask(workflow.Task):
 
     def extra_results(self, evals):
         methods = self.one_shot
+        held_out = next(e for e in evals.values() if e is not None)
         return {"one_shot_method": self.best_method, "seq_len": self.config.seq_len,
                 "one_shot_perplexity": {k: v["perplexity"] for k, v in methods.items()},
                 "one_shot_seconds": {k: v["seconds"] for k, v in methods.items()},
                 "calibration_sequences": self.config.calibration_sequences,
-                "eval_tokens": evals["dense"]["tokens"], "eval_split": self.eval_split}
+                "eval_tokens": held_out["tokens"], "eval_split": self.eval_split}
 
     def table_rows(self, results):
         return [(f"one-shot {k}", {"one_shot": v})
                 for k, v in results["one_shot_perplexity"].items()]
 
     def table_note(self, results):
-        return (f"one-shot column of the first row: the best method ({results['one_shot_method']}), the "
-                f"one retrained; {results['eval_tokens']:,} held-out tokens in windows of "
-                f"{results['seq_len']}, {results['calibration_sequences']} calibration windows")
+        held_out = (f"{results['eval_tokens']:,} held-out tokens in windows of "
+                    f"{results['seq_len']}")
+        if results["one_shot_method"] is None:  # --method sr-ste: no one-shot step
+            return held_out
+        return (f"one-shot column of the first row: the best method ({results['one_shot_method']}), "
+                f"the one retrained; {held_out}, {results['calibration_sequences']} calibration "
+                "windows")
 
     def write_outputs(self, state, evals) -> None:
         gpt.save_hf_gpt2(jax.device_get(state["params"]),
