@@ -825,6 +825,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         **task.extra_results(evals),
         "exactly_nm_sparse": exactly_sparse,
         "method": config.method,
+        "seed": config.seed,
         "transposable": config.transposable,
         "permute": config.permute,
         "recalibrate_bn": config.recalibrate_bn,
