@@ -33,6 +33,9 @@ def test_last_quarter_by_hand():
     assert quarter["values"] == [0.80, 0.90, 0.85]
     assert quarter["change"] == pytest.approx(0.05)
     assert quarter["spread"] == pytest.approx(0.10)
+    in_percent = workflow.last_quarter(records, "dense", 100, lambda r: 100 * r["metric"])
+    assert in_percent["values"] == pytest.approx([80.0, 90.0, 85.0])
+    assert in_percent["change"] == pytest.approx(5.0)
     assert workflow.last_quarter(records, "retrain", 100) is None  # one evaluation only
     assert workflow.last_quarter(records, "control", 100) is None
 
@@ -120,3 +123,15 @@ def test_preset_smoke_reports_the_last_quarter(tmp_path):
     assert quarter["values"] == pytest.approx(expected)
     assert quarter["spread"] == pytest.approx(max(expected) - min(expected))
     assert set(results["last_quarter"]) == {"dense", "retrain", "control"}
+
+
+def test_the_logged_headline_reads_back_in_results_units():
+    from recipes.text import qa_task
+    from recipes.vision import classification_task
+
+    qa = qa_task.QuestionAnsweringTask.__new__(qa_task.QuestionAnsweringTask)
+    result = {"f1": 91.25, "exact_match": 90.0}  # percentages, as results.json has them
+    assert qa.record_headline(qa.eval_record(result)) == pytest.approx(91.25)
+    image = classification_task.ClassificationTask.__new__(classification_task.ClassificationTask)
+    result = {"top1": 0.975, "top5": 1.0, "loss": 0.1}  # fractions
+    assert image.record_headline(image.eval_record(result)) == pytest.approx(0.975)

@@ -164,6 +164,10 @@ class Task:
     def eval_record(self, result: dict[str, Any]) -> dict[str, Any]:
         return {"split": "eval", "loss": None, "metric": result[self.headline]}
 
+    def record_headline(self, record: dict[str, Any]) -> float:
+        """The headline, in results.json's units, of a held-out log record's ``metric``."""
+        return record["metric"]
+
     def eval_steps(self) -> set[int]:
         """Steps of a phase with a held-out evaluation (its last step always has one)."""
         return {self.steps}
@@ -422,11 +426,12 @@ def with_plateau_evals(task: Task, eval_during: Callable, total_steps: int, coun
     return during
 
 
-def last_quarter(records: list[dict], phase: str, total_steps: int) -> dict | None:
-    """The held-out headline over the last quarter of ``phase``: its steps and values, the
-    change from the first of them to the last and their spread (max - min); None with fewer
-    than two evaluations there."""
-    held_out = sorted((r["step"], r["metric"]) for r in records
+def last_quarter(records: list[dict], phase: str, total_steps: int,
+                 headline: Callable[[dict], float] = lambda record: record["metric"]) -> dict | None:
+    """The held-out headline (``headline(record)``) over the last quarter of ``phase``: its steps
+    and values, the change from the first of them to the last and their spread (max - min);
+    None with fewer than two evaluations there."""
+    held_out = sorted((r["step"], headline(r)) for r in records
                       if r["phase"] == phase and r.get("split") != "train" and r["step"] > 0
                       and r.get("metric") is not None and r["step"] >= 0.75 * total_steps)
     if len(held_out) < 2:
@@ -811,7 +816,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
                        {"dense": dense_steps, "retrain": final_steps})
     phase_totals = {**phase_steps_run, "control": task.phase_steps("control") if control else 0}
     records = log.read()
-    plateaus = {phase: last_quarter(records, phase, total)
+    plateaus = {phase: last_quarter(records, phase, total, task.record_headline)
                 for phase, total in phase_totals.items() if total}
     results = {
         "model": task.model_name,

@@ -506,6 +506,9 @@ class QuestionAnsweringTask(workflow.Task):
         return {"split": "eval", "loss": None, "metric": result["f1"] / 100,
                 "exact_match": result["exact_match"] / 100}
 
+    def record_headline(self, record: dict[str, Any]) -> float:
+        return 100 * record["metric"]  # the log's F1 is a fraction, results.json's a percentage
+
     def describe(self, result: dict[str, Any]) -> str:
         return f"held-out F1 {result['f1']:.2f}, exact match {result['exact_match']:.2f}"
 
