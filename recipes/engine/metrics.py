@@ -21,6 +21,7 @@ class MetricsLog:
 
         self.path = path
         self.writer = jax.process_index() == 0
+        self.written: list[dict[str, Any]] = []  # this process's records of this session
 
     def truncate(self, phase: str, after_step: int, later_phases: tuple[str, ...] = ()) -> None:
         """Drops records a resumed run will log again: ``phase`` beyond ``after_step``, later phases."""
@@ -32,6 +33,7 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
+        self.written.append(record)
         if not self.writer:
             return
         with open(self.path, "a") as f:

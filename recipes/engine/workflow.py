@@ -815,7 +815,8 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     phase_steps_run = ({"sr-ste": final_steps} if srste else
                        {"dense": dense_steps, "retrain": final_steps})
     phase_totals = {**phase_steps_run, "control": task.phase_steps("control") if control else 0}
-    records = log.read()
+    # (the other processes of a multi-host run have no metrics.jsonl: their own records)
+    records = log.read() if log.writer else log.written
     plateaus = {phase: last_quarter(records, phase, total, task.record_headline)
                 for phase, total in phase_totals.items() if total}
     results = {
