@@ -814,11 +814,11 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
     final_steps = task.steps if srste else task.phase_steps("retrain")
     phase_steps_run = ({"sr-ste": final_steps} if srste else
                        {"dense": dense_steps, "retrain": final_steps})
-    phase_totals = {**phase_steps_run, "control": task.phase_steps("control") if control else 0}
+    control_steps = task.phase_steps("control") if control else None
     # (the other processes of a multi-host run have no metrics.jsonl: their own records)
     records = log.read() if log.writer else log.written
     plateaus = {phase: last_quarter(records, phase, total, task.record_headline)
-                for phase, total in phase_totals.items() if total}
+                for phase, total in {**phase_steps_run, "control": control_steps}.items() if total}
     results = {
         "model": task.model_name,
         "dataset": task.dataset_name,
@@ -826,7 +826,7 @@ def train_and_evaluate(task_class: type[Task], config, workdir: str, *, resume: 
         **{name: None if result is None else result[task.headline]
            for name, result in evals.items()},
         "steps": {**task.extra_steps, **phase_steps_run,
-                  "control": task.phase_steps("control") if control else None},
+                  "control": control_steps},
         "num_params": num_params,
         **task.extra_results(evals),
         "exactly_nm_sparse": exactly_sparse,
