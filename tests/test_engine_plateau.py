@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from recipes.engine import cli, workflow
@@ -91,10 +92,59 @@ def test_preset_on_the_command_line():
     assert config.lr_step_epochs == 2 * default.lr_step_epochs
     assert config.control and config.plateau_evals == 4 and default.plateau_evals == 0
     resnext = cli.config_from_args(task, args, "resnext101_32x8d")
-    assert resnext.control  # off in the default, on in the preset
+    assert resnext.control
     full = cli.build_parser(task, "", "").parse_args(["--preset", "converged", "--data-dir", "x"])
     with pytest.raises(SystemExit, match="built-in data only.*--data-dir"):
         cli.config_from_args(task, full, "resnet50")
+
+
+def test_every_built_in_default_runs_the_dense_control():
+    """Every table that reports "retrained" sets it beside a dense model trained as long."""
+    from recipes.detection import maskrcnn_task, ssd_task
+    from recipes.text import qa_task, translation_task
+    from recipes.vision import classification_task as vision
+
+    for model in ("resnet50", "resnext101_32x8d", "xception"):
+        args = cli.build_parser(vision.ClassificationTask, "", "").parse_args([])
+        assert cli.config_from_args(vision.ClassificationTask, args, model).control, model
+    for module in (translation_task, qa_task, ssd_task, maskrcnn_task):
+        assert module.builtin_config().control, module.__name__
+
+
+def _lr_over_the_last_quarter(schedule, total: int) -> np.ndarray:
+    return np.array([float(schedule(step)) for step in range(int(0.75 * total), total)])
+
+
+def test_step_schedule_presets_end_on_their_final_lr():
+    """SSD and Mask R-CNN presets: the last lr step lies before the last quarter, so that a flat
+    held-out metric there means the phase converged rather than a step yet to come."""
+    from recipes.detection import maskrcnn_task, ssd_task
+
+    ssd = ssd_task.converged_config(ssd_task.builtin_config())
+    total = 938  # 30 epochs of the built-in set's 2,000 training canvases in batches of 64
+    lrs = _lr_over_the_last_quarter(ssd_task.learning_rate_schedule(ssd, total), total)
+    np.testing.assert_allclose(lrs, ssd.learning_rate * ssd.lr_decay ** 2, rtol=1e-6)
+    rcnn = maskrcnn_task.converged_config(maskrcnn_task.builtin_config())
+    total = rcnn.num_train_steps
+    lrs = _lr_over_the_last_quarter(maskrcnn_task.learning_rate_schedule(rcnn, total), total)
+    np.testing.assert_allclose(lrs, rcnn.learning_rate * 0.01, rtol=1e-6)
+
+
+def test_translation_cooldown_by_hand():
+    from recipes.text import translation_task
+
+    config = translation_task.TranslationConfig(learning_rate=3e-3, warmup_steps=100,
+                                                num_train_steps=1500, cooldown_fraction=0.4)
+    schedule = translation_task.inverse_sqrt_schedule(config)
+    fairseq = translation_task.inverse_sqrt_schedule(config.replace(cooldown_fraction=0.0))
+    for count in (0, 50, 400, 899):  # before the cooldown: fairseq's lr
+        assert float(schedule(count)) == float(fairseq(count))
+    # Count 1200 is halfway through the 600-step cooldown: half of 3e-3 * sqrt(100 / 1201).
+    np.testing.assert_allclose(float(schedule(1200)), 0.5 * 3e-3 * np.sqrt(100 / 1201), rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(1499)), 3e-3 * np.sqrt(100 / 1500) / 600, rtol=1e-5)
+    assert float(schedule(1500)) == 0.0
+    with pytest.raises(ValueError, match="cooldown_fraction 1.5"):
+        translation_task.inverse_sqrt_schedule(config.replace(cooldown_fraction=1.5))(0)
 
 
 def test_a_task_without_the_preset_says_so():
