@@ -111,10 +111,6 @@ def test_every_built_in_default_runs_the_dense_control():
         assert module.builtin_config().control, module.__name__
 
 
-def _lr_over_the_last_quarter(schedule, total: int) -> np.ndarray:
-    return np.array([float(schedule(step)) for step in range(int(0.75 * total), total)])
-
-
 def test_maskrcnn_preset_ends_on_its_final_lr():
     """The last lr step lies before the last quarter, so that a flat held-out metric there means
     the phase converged at its final lr rather than a step yet to come."""
@@ -122,7 +118,8 @@ def test_maskrcnn_preset_ends_on_its_final_lr():
 
     rcnn = maskrcnn_task.converged_config(maskrcnn_task.builtin_config())
     total = rcnn.num_train_steps
-    lrs = _lr_over_the_last_quarter(maskrcnn_task.learning_rate_schedule(rcnn, total), total)
+    schedule = maskrcnn_task.learning_rate_schedule(rcnn, total)
+    lrs = [float(schedule(step)) for step in range(int(0.75 * total), total)]
     np.testing.assert_allclose(lrs, rcnn.learning_rate * 0.01, rtol=1e-6)
 
 
@@ -140,7 +137,7 @@ def test_translation_cooldown_by_hand():
     np.testing.assert_allclose(float(schedule(1499)), 3e-3 * np.sqrt(100 / 1500) / 600, rtol=1e-5)
     assert float(schedule(1500)) == 0.0
     with pytest.raises(ValueError, match="cooldown_fraction 1.5"):
-        translation_task.inverse_sqrt_schedule(config.replace(cooldown_fraction=1.5))(0)
+        translation_task.inverse_sqrt_schedule(config.replace(cooldown_fraction=1.5))
 
 
 def test_a_task_without_the_preset_says_so():

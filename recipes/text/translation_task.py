@@ -142,17 +142,20 @@ def inverse_sqrt_schedule(config: TranslationConfig):
         ramp = (config.warmup_init_lr
                 + (config.learning_rate - config.warmup_init_lr) * update / warmup)
         decay = config.learning_rate * jnp.sqrt(warmup / update)
-        lr = jnp.where(update < warmup, ramp, decay)
-        if config.cooldown_fraction <= 0:  # fairseq's schedule, bit for bit
-            return lr
-        if not config.cooldown_fraction <= 1:
-            raise ValueError(f"cooldown_fraction {config.cooldown_fraction}: expected 0 .. 1")
-        total = config.num_train_steps
-        length = config.cooldown_fraction * total
-        remaining = (total - jnp.asarray(count, jnp.float32)) / length
-        return lr * jnp.clip(remaining, 0.0, 1.0)
+        return jnp.where(update < warmup, ramp, decay)
 
-    return schedule
+    if config.cooldown_fraction <= 0:  # fairseq's schedule, bit for bit
+        return schedule
+    if not config.cooldown_fraction <= 1:
+        raise ValueError(f"cooldown_fraction {config.cooldown_fraction}: expected 0 .. 1")
+    total = config.num_train_steps
+    length = config.cooldown_fraction * total
+
+    def with_cooldown(count):
+        remaining = (total - jnp.asarray(count, jnp.float32)) / length
+        return schedule(count) * jnp.clip(remaining, 0.0, 1.0)
+
+    return with_cooldown
 
 
 def create_optimizer(config: TranslationConfig):
