@@ -112,11 +112,11 @@ def builtin_config() -> SSDConfig:
 
 
 def converged_config(config: SSDConfig) -> SSDConfig:
-    """``--preset converged``: four times the built-in epochs (the lr milestones at the same
-    fractions), bbAP over each phase's second half."""
-    return config.replace(num_epochs=4 * config.num_epochs,
-                          lr_milestones=tuple(4 * m for m in config.lr_milestones),
-                          control=True, plateau_evals=4)
+    """``--preset converged``: 30 epochs with the lr steps at epochs 15 and 20, so that the last
+    third runs at the final lr (four times the built-in epochs, 52, took 30 minutes and its bbAP
+    still rose by 1.0 over the last quarter), bbAP over each phase's second half."""
+    return config.replace(num_epochs=30.0, lr_milestones=(15, 20), control=True,
+                          plateau_evals=4)
 
 
 def smoke_config(config: SSDConfig) -> SSDConfig:
