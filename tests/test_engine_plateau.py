@@ -111,16 +111,23 @@ def test_every_built_in_default_runs_the_dense_control():
         assert module.builtin_config().control, module.__name__
 
 
-def test_maskrcnn_preset_ends_on_its_final_lr():
+@pytest.mark.parametrize("task_name", ["maskrcnn_task", "ssd_task"])
+def test_detection_preset_ends_on_its_final_lr(task_name):
     """The last lr step lies before the last quarter, so that a flat held-out metric there means
     the phase converged at its final lr rather than a step yet to come."""
-    from recipes.detection import maskrcnn_task
+    import importlib
 
-    rcnn = maskrcnn_task.converged_config(maskrcnn_task.builtin_config())
-    total = rcnn.num_train_steps
-    schedule = maskrcnn_task.learning_rate_schedule(rcnn, total)
+    module = importlib.import_module(f"recipes.detection.{task_name}")
+    config = module.converged_config(module.builtin_config())
+    if task_name == "ssd_task":  # SSD's phase length comes from its epochs and the data set
+        total = workflow.phase_steps(config, config.builtin_train_images)
+        final_lr = config.learning_rate * config.lr_decay ** len(config.lr_milestones)
+    else:
+        total = config.num_train_steps
+        final_lr = config.learning_rate * 0.01
+    schedule = module.learning_rate_schedule(config, total)
     lrs = [float(schedule(step)) for step in range(int(0.75 * total), total)]
-    np.testing.assert_allclose(lrs, rcnn.learning_rate * 0.01, rtol=1e-6)
+    np.testing.assert_allclose(lrs, final_lr, rtol=1e-6)
 
 
 def test_translation_cooldown_by_hand():
