@@ -145,6 +145,41 @@ def test_translation_cooldown_by_hand():
     assert float(schedule(1500)) == 0.0
     with pytest.raises(ValueError, match="cooldown_fraction 1.5"):
         translation_task.inverse_sqrt_schedule(config.replace(cooldown_fraction=1.5))
+    with pytest.raises(ValueError, match="cooldown_floor 1.0"):
+        translation_task.inverse_sqrt_schedule(config.replace(cooldown_floor=1.0))
+
+
+def test_translation_cooldown_ending_early_holds_its_floor():
+    """A cooldown over steps 600 .. 1200 of 1600 down to a floor of 0.1, by hand: fairseq's lr
+    until 600, 0.55 of it at 900, 0.1 of it from 1200 to the end."""
+    from recipes.text import translation_task
+
+    config = translation_task.TranslationConfig(
+        learning_rate=2e-3, warmup_steps=400, num_train_steps=1600, cooldown_fraction=0.375,
+        cooldown_end=0.75, cooldown_floor=0.1)
+    schedule = translation_task.inverse_sqrt_schedule(config)
+
+    def fairseq(count):  # lr * sqrt(warmup / update) after the warm-up, update = count + 1
+        return 2e-3 * np.sqrt(400 / (count + 1))
+
+    for count, scale in ((399, 1.0), (600, 1.0), (900, 0.55), (1200, 0.1), (1400, 0.1),
+                         (1599, 0.1)):
+        np.testing.assert_allclose(float(schedule(count)), scale * fairseq(count), rtol=1e-5)
+
+
+def test_translation_preset_ends_on_its_final_lr():
+    """Like the detection presets: the lr over the last quarter is the final floor times
+    fairseq's lr, so that a flat BLEU there is not a cooldown still under way."""
+    from recipes.text import translation_task
+
+    config = translation_task.converged_config(translation_task.builtin_config())
+    total = config.num_train_steps
+    schedule = translation_task.inverse_sqrt_schedule(config)
+    for count in range(int(0.75 * total), total, 25):
+        fairseq = config.learning_rate * np.sqrt(config.warmup_steps / (count + 1))
+        np.testing.assert_allclose(float(schedule(count)), config.cooldown_floor * fairseq,
+                                   rtol=1e-5)
+    assert config.cooldown_floor <= 0.1
 
 
 def test_a_task_without_the_preset_says_so():
