@@ -77,9 +77,9 @@ class TranslationConfig(WorkflowConfig):
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     num_train_steps: int = 300_000  # per phase
-    # A fraction of each phase's steps ending at ``cooldown_end`` of the phase scales the lr
-    # linearly down to ``cooldown_floor`` times fairseq's, held to the end (0: fairseq's schedule
-    # unchanged), so that a short run ends on a plateau (Hägele et al. 2024's cooldown).
+    # ``cooldown_fraction`` of each phase's steps, ending at ``cooldown_end`` of the phase, scale
+    # the lr linearly down to ``cooldown_floor`` times fairseq's, held to the end (fraction 0:
+    # fairseq's schedule unchanged), so that a short run ends on a plateau (Hägele et al. 2024).
     cooldown_fraction: float = 0.0
     cooldown_end: float = 1.0
     cooldown_floor: float = 0.0
