@@ -149,6 +149,12 @@ def test_translation_cooldown_by_hand():
         translation_task.inverse_sqrt_schedule(config.replace(cooldown_floor=1.0))
 
 
+def _fairseq_lr(peak: float, warmup: int, count: int) -> float:
+    """fairseq's inverse_sqrt after its warm-up, by hand: ``peak * sqrt(warmup / update)`` with
+    update = count + 1."""
+    return peak * np.sqrt(warmup / (count + 1))
+
+
 def test_translation_cooldown_ending_early_holds_its_floor():
     """A cooldown over steps 600 .. 1200 of 1600 down to a floor of 0.1, by hand: fairseq's lr
     until 600, 0.55 of it at 900, 0.1 of it from 1200 to the end."""
@@ -158,13 +164,10 @@ def test_translation_cooldown_ending_early_holds_its_floor():
         learning_rate=2e-3, warmup_steps=400, num_train_steps=1600, cooldown_fraction=0.375,
         cooldown_end=0.75, cooldown_floor=0.1)
     schedule = translation_task.inverse_sqrt_schedule(config)
-
-    def fairseq(count):  # lr * sqrt(warmup / update) after the warm-up, update = count + 1
-        return 2e-3 * np.sqrt(400 / (count + 1))
-
     for count, scale in ((399, 1.0), (600, 1.0), (900, 0.55), (1200, 0.1), (1400, 0.1),
                          (1599, 0.1)):
-        np.testing.assert_allclose(float(schedule(count)), scale * fairseq(count), rtol=1e-5)
+        np.testing.assert_allclose(float(schedule(count)),
+                                   scale * _fairseq_lr(2e-3, 400, count), rtol=1e-5)
 
 
 def test_translation_preset_ends_on_its_final_lr():
@@ -176,7 +179,7 @@ def test_translation_preset_ends_on_its_final_lr():
     total = config.num_train_steps
     schedule = translation_task.inverse_sqrt_schedule(config)
     for count in range(int(0.75 * total), total, 25):
-        fairseq = config.learning_rate * np.sqrt(config.warmup_steps / (count + 1))
+        fairseq = _fairseq_lr(config.learning_rate, config.warmup_steps, count)
         np.testing.assert_allclose(float(schedule(count)), config.cooldown_floor * fairseq,
                                    rtol=1e-5)
     assert config.cooldown_floor <= 0.1
