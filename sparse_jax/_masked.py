@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparse_jax import _opt_state, _packing, _paths, _prune, _selection
+from sparse_jax import _leafwise, _opt_state, _packing, _paths, _prune, _selection
 
 MaskSpec = Any  # a mask tree, a callable params -> mask tree, or None
 
@@ -163,12 +163,20 @@ def masked(
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that the parameters stay exactly on an N:M mask.
 
-    Each step (1) zeroes the gradient of pruned weights, so no optimizer state
-    (momentum, Adam moments) builds up on them; (2) runs ``inner`` on that
+    Each step (1) zeroes the gradient of pruned weights, so that no pruned entry
+    reaches a kept one through ``inner`` (a global-norm clip, LAMB's trust
+    ratio, Adafactor's factored moments, ...); (2) runs ``inner`` on that
     gradient; (3) returns the update that makes the new parameters exactly
     ``mask * (params + update)``: kept weights get ``inner``'s update unchanged
     (bit for bit), pruned weights become 0 whatever ``inner`` did (weight decay,
-    Adam's epsilon, Lion's sign, ...). This is the "retrain with the mask fixed"
+    Adam's epsilon, Lion's sign, ...). Where ``inner`` acts on each leaf entry
+    by entry (SGD, momentum, Adam(W), Lion, RMSProp, per-leaf decay, schedules:
+    proven from its jaxpr at trace time, conservatively), a pruned entry can
+    only reach pruned entries, which (3) overwrites, so (1) is skipped: it is
+    the dearest part of the masking on the CPU. The kept weights get the same
+    updates (the same arithmetic; under ``jit`` XLA may round their last bit
+    differently, as after any change to a compiled program); the moments of
+    pruned weights then hold values that never reach the params. This is the "retrain with the mask fixed"
     step of NVIDIA's 2:4 recipe.
 
     Not to be confused with ``optax.masked``, which chooses *which parameter
@@ -260,6 +268,25 @@ def masked(
         ]
         return MaskedState(inner.init(params), _tree_like(params, packed))
 
+    leafwise_by_signature: dict[Any, bool] = {}
+
+    def leafwise(updates, inner_state, params, extra_args) -> bool:
+        # One trace of inner.update per signature (an eager loop would trace every step).
+        args = (updates, inner_state, params, extra_args)
+        try:
+            key = (jax.tree.structure(args), tuple(jax.typeof(x) for x in jax.tree.leaves(args)))
+            hash(key)
+        except TypeError:
+            key = None
+        if key is None or key not in leafwise_by_signature:
+            found = _leafwise.is_leafwise_elementwise(
+                inner.update, updates, inner_state, params, **extra_args
+            )
+            if key is None:
+                return found
+            leafwise_by_signature[key] = found
+        return leafwise_by_signature[key]
+
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(
@@ -276,14 +303,18 @@ def masked(
         packed = _aligned_masks(state.packed_masks, params, "params")
         _aligned_masks(state.packed_masks, updates, "updates")
         unpacked = [None if p is None else p.unpack() for p in packed]
-        masked_grads = grad_treedef.unflatten(
-            [
-                g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
-                for g, mask in zip(grad_leaves, unpacked)
-            ]
-        )
+        if not leafwise(updates, state.inner_state, params, extra_args):
+            # Zeroed, so that no pruned entry reaches a kept one through the inner optimizer
+            # (a global norm, a factored moment, ...). A leafwise elementwise inner needs no
+            # zeroing: its pruned entries only reach pruned entries, overwritten below.
+            updates = grad_treedef.unflatten(
+                [
+                    g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
+                    for g, mask in zip(grad_leaves, unpacked)
+                ]
+            )
         inner_updates, inner_state = inner.update(
-            masked_grads, state.inner_state, params, **extra_args
+            updates, state.inner_state, params, **extra_args
         )
         update_leaves, update_treedef = jax.tree.flatten(inner_updates)
         # where(), not mask * (p + u) - p: kept weights then get inner's update
