@@ -215,27 +215,18 @@ def normalize(images, image_hw, dtype):
 
 
 def make_train_step(graphdef, tx, mesh, **jit_options) -> Callable:
-    """A jitted ``(state, batch, step, seed) -> (state, metrics)``, data parallel over ``mesh``;
+    """A jitted ``(state, batch, step, seed) -> (state, metrics)`` (``workflow.jit_train_step``);
     the sampling randomness comes from ``seed`` and ``step`` (a resumed run repeats it)."""
 
-    def train_step(state, batch, step, seed):
+    def loss_fn(params, state, batch, step, seed):
         key = jax.random.fold_in(jax.random.key(seed), step)
+        model = nnx.merge(graphdef, params, state["batch_stats"])
+        images = normalize(batch["image"], batch["image_hw"], model.config.dtype)
+        parts = maskrcnn.losses(model, key, images, batch["image_hw"], batch["boxes"],
+                                batch["labels"], batch["masks"])
+        return sum(parts.values()), (parts, {})
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["batch_stats"])
-            images = normalize(batch["image"], batch["image_hw"], model.config.dtype)
-            parts = maskrcnn.losses(model, key, images, batch["image_hw"], batch["boxes"],
-                                    batch["labels"], batch["masks"])
-            return sum(parts.values()), parts
-
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {**state, "params": params, "opt_state": opt_state}, {"loss": loss, **parts}
-
-    replicated, data = workflow.shardings(mesh)
-    return jax.jit(train_step, in_shardings=(replicated, data, replicated, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0, **jit_options)
+    return workflow.jit_train_step(loss_fn, tx, mesh, num_args=2, **jit_options)
 
 
 def make_inference_fns(graphdef, **jit_options):

@@ -182,38 +182,28 @@ def _normalize(images, dtype):
 
 
 def make_train_step(graphdef, tx, mesh, defaults, config: SSDConfig) -> Callable:
-    """A jitted ``(state, batch) -> (state, metrics)``, data parallel over ``mesh``; matching
+    """A jitted ``(state, batch) -> (state, metrics)`` (``workflow.jit_train_step``); matching
     and encoding of the relative corner ``boxes`` and ``labels`` (0: padding) on the device."""
     dtype = jnp.dtype(config.compute_dtype)
     defaults = jnp.asarray(defaults)
 
-    def train_step(state, batch):
+    def loss_fn(params, state, batch):
         images = _normalize(batch["image"], dtype)
         target_offsets, target_labels = ssd.encode_targets(
             batch["boxes"], batch["labels"], defaults, config.match_threshold)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["batch_stats"])
-            offsets, logits = model(images, train=True)
-            losses = ssd.ssd_loss(offsets, logits, target_offsets, target_labels,
-                                  config.negative_ratio)
-            batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
-            return losses["loss"], (losses, logits, batch_stats)
-
-        (_, (losses, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        model = nnx.merge(graphdef, params, state["batch_stats"])
+        offsets, logits = model(images, train=True)
+        losses = ssd.ssd_loss(offsets, logits, target_offsets, target_labels,
+                              config.negative_ratio)
         positive = target_labels > 0
         hits = jnp.sum((jnp.argmax(logits, -1) == target_labels) & positive)
         accuracy = hits / jnp.maximum(jnp.sum(positive), 1)  # of the positive default boxes
-        new_state = {**state, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
-        return new_state, {"loss": losses["loss"], "accuracy": accuracy,
-                           "box_loss": losses["box_loss"], "class_loss": losses["class_loss"]}
+        return losses["loss"], (
+            {"accuracy": accuracy, "box_loss": losses["box_loss"],
+             "class_loss": losses["class_loss"]},
+            {"batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))})
 
-    replicated, data = workflow.shardings(mesh)
-    return jax.jit(train_step, in_shardings=(replicated, data),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return workflow.jit_train_step(loss_fn, tx, mesh)
 
 
 def make_predict_step(graphdef, mesh, defaults, config: SSDConfig) -> Callable:

@@ -289,6 +289,28 @@ def shardings(mesh):
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
+def jit_train_step(loss_fn: Callable, tx, mesh, num_args: int = 0, donate: bool = True,
+                   **jit_options) -> Callable:
+    """The one optimizer step of every task: a jitted ``(state, batch, *args) -> (state,
+    metrics)``, data parallel over ``mesh`` (state and the ``num_args`` extra arguments
+    replicated, the batch split). ``loss_fn(params, state, batch, *args) -> (loss, (metrics,
+    changed))`` is differentiated in the params; ``tx`` steps them, ``changed`` (e.g. new batch
+    statistics) replaces its entries of the state, and ``metrics`` gain ``"loss"`` first."""
+    replicated, data = shardings(mesh)
+
+    def step(state, batch, *args):
+        (loss, (step_metrics, changed)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state, batch, *args)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return ({**state, "params": params, **changed, "opt_state": opt_state},
+                {"loss": loss, **step_metrics})
+
+    return jax.jit(step, in_shardings=(replicated, data) + (replicated,) * num_args,
+                   out_shardings=(replicated, replicated), donate_argnums=0 if donate else (),
+                   **jit_options)
+
+
 class StepBatches:
     """An iterator over ``batch_fn(step)``: batches that depend on the step only; its state is
     the step."""

@@ -206,24 +206,15 @@ class GPTTask(workflow.Task):
             self.schedule, b1=0.9, b2=0.95, weight_decay=config.weight_decay, mask=decay))
 
     def train_step(self, tx):
-        replicated, data = workflow.shardings(self.wf.mesh)
         graphdef, project = self.graphdef, self.params_projection
 
-        def step(state, batch):
+        def loss_fn(params, state, batch):
             tokens = batch["tokens"]
-
-            def loss_fn(params):
-                logits = nnx.merge(graphdef, params if project is None else project(params))(tokens)
-                return next_token_nll(logits, tokens).mean(), logits
-
-            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            logits = nnx.merge(graphdef, params if project is None else project(params))(tokens)
             accuracy = jnp.mean(jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:])
-            return ({**state, "params": optax.apply_updates(state["params"], updates),
-                     "opt_state": opt_state}, {"loss": loss, "accuracy": accuracy})
+            return next_token_nll(logits, tokens).mean(), ({"accuracy": accuracy}, {})
 
-        jitted = jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                         donate_argnums=0)
+        jitted = workflow.jit_train_step(loss_fn, tx, self.wf.mesh)
         return lambda state, batch, step_index, phase: jitted(state, batch)
 
     def train_batches(self, phase: str, seed: int):

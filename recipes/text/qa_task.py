@@ -213,21 +213,13 @@ def _cross_entropy(logits, labels):
 
 def _make_train_step(graphdef, tx, mesh: Mesh, loss_and_accuracy: Callable) -> Callable:
     """``(state, batch, rng) -> (state, metrics)`` minimising ``loss_and_accuracy(model, batch,
-    rng) -> (loss, accuracy)``."""
-    replicated, data = workflow.shardings(mesh)
+    rng) -> (loss, accuracy)`` (``workflow.jit_train_step``)."""
 
-    def step(state, batch, rng):
-        def loss_fn(params):
-            return loss_and_accuracy(nnx.merge(graphdef, params), batch, rng)
+    def loss_fn(params, state, batch, rng):
+        loss, accuracy = loss_and_accuracy(nnx.merge(graphdef, params), batch, rng)
+        return loss, ({"accuracy": accuracy}, {})
 
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {**state, "params": params, "opt_state": opt_state}, {"loss": loss,
-                                                                      "accuracy": accuracy}
-
-    return jax.jit(step, in_shardings=(replicated, data, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return workflow.jit_train_step(loss_fn, tx, mesh, num_args=1)
 
 
 def span_loss(model, batch, rng):

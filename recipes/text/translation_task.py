@@ -188,29 +188,19 @@ def label_smoothed_loss(logits, targets, smoothing: float, pad_id: int):
 
 
 def make_train_step(graphdef, tx, mesh, config: TranslationConfig, pad_id: int) -> Callable:
-    """A jitted ``(state, batch, step) -> (state, metrics)``; the loss is per target token."""
-    replicated, data = workflow.shardings(mesh)
+    """A jitted ``(state, batch, step) -> (state, metrics)`` (``workflow.jit_train_step``); the
+    loss is per target token."""
     base_key = jax.random.key(config.seed)
 
-    def train_step(state, batch, step):
-        dropout_rng = jax.random.fold_in(base_key, step)
+    def loss_fn(params, state, batch, step):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["src"], batch["tgt_in"], dropout_rng=jax.random.fold_in(base_key, step))
+        loss, nll, count = label_smoothed_loss(logits, batch["tgt_out"], config.label_smoothing,
+                                               pad_id)
+        count = jnp.maximum(count, 1.0)
+        return loss / count, ({"nll": nll / count, "tokens": count}, {})
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            logits = model(batch["src"], batch["tgt_in"], dropout_rng=dropout_rng)
-            loss, nll, count = label_smoothed_loss(logits, batch["tgt_out"],
-                                                   config.label_smoothing, pad_id)
-            count = jnp.maximum(count, 1.0)
-            return loss / count, (nll / count, count)
-
-        (loss, (nll, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {**state, "params": params, "opt_state": opt_state}, {
-            "loss": loss, "nll": nll, "tokens": count}
-
-    return jax.jit(train_step, in_shardings=(replicated, data, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return workflow.jit_train_step(loss_fn, tx, mesh, num_args=1)
 
 
 def make_loss_step(graphdef, mesh, config: TranslationConfig, pad_id: int) -> Callable:

@@ -88,31 +88,21 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, tx, mesh, info: input_pipeline.DatasetInfo, compute_dtype,
                     loss_params=None):
-    """A jitted ``(state, batch) -> (state, metrics)`` step, data parallel over ``mesh``: ``state``
-    (params, batch_stats, opt_state) replicated, ``batch`` (uint8 NHWC image, label) split.
-    ``loss_params``: what the loss sees instead of the params (SR-STE's projection)."""
-    replicated, data = workflow.shardings(mesh)
+    """A jitted ``(state, batch) -> (state, metrics)`` step (``workflow.jit_train_step``):
+    ``batch`` holds uint8 NHWC images and labels. ``loss_params``: what the loss sees instead of
+    the params (SR-STE's projection)."""
 
-    def train_step(state, batch):
+    def loss_fn(params, state, batch):
         images = input_pipeline.normalize_images(batch["image"], info.mean, info.std, compute_dtype)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params if loss_params is None else loss_params(params),
-                              state["batch_stats"])
-            logits = model(images, train=True)
-            loss = jnp.mean(cross_entropy_loss(logits, batch["label"]))
-            return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        model = nnx.merge(graphdef, params if loss_params is None else loss_params(params),
+                          state["batch_stats"])
+        logits = model(images, train=True)
+        loss = jnp.mean(cross_entropy_loss(logits, batch["label"]))
         accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["label"])
-        new_state = {**state, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        return loss, ({"accuracy": accuracy},
+                      {"batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))})
 
-    return jax.jit(train_step, in_shardings=(replicated, data),
-                   out_shardings=(replicated, replicated))
+    return workflow.jit_train_step(loss_fn, tx, mesh, donate=False)
 
 
 def make_eval_step(graphdef, mesh, info: input_pipeline.DatasetInfo, compute_dtype):
