@@ -176,8 +176,8 @@ def masked(
     the dearest part of the masking on the CPU. The kept weights get the same
     updates (the same arithmetic; under ``jit`` XLA may round their last bit
     differently, as after any change to a compiled program); the moments of
-    pruned weights then hold values that never reach the params. This is the "retrain with the mask fixed"
-    step of NVIDIA's 2:4 recipe.
+    pruned weights then hold values that never reach the params. This is the
+    "retrain with the mask fixed" step of NVIDIA's 2:4 recipe.
 
     Not to be confused with ``optax.masked``, which chooses *which parameter
     leaves* a transformation applies to (and leaves the others' updates
