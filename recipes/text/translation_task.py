@@ -193,8 +193,8 @@ def make_train_step(graphdef, tx, mesh, config: TranslationConfig, pad_id: int) 
     base_key = jax.random.key(config.seed)
 
     def loss_fn(params, state, batch, step):
-        model = nnx.merge(graphdef, params)
-        logits = model(batch["src"], batch["tgt_in"], dropout_rng=jax.random.fold_in(base_key, step))
+        dropout_rng = jax.random.fold_in(base_key, step)
+        logits = nnx.merge(graphdef, params)(batch["src"], batch["tgt_in"], dropout_rng=dropout_rng)
         loss, nll, count = label_smoothed_loss(logits, batch["tgt_out"], config.label_smoothing,
                                                pad_id)
         count = jnp.maximum(count, 1.0)
