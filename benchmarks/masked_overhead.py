@@ -168,16 +168,17 @@ def main() -> None:
         }
         wall: dict[str, list[float]] = {k: [] for k in variants}
         cpu: dict[str, list[float]] = {k: [] for k in variants}
-        for i in range(args.repeats + 3):  # interleaved, so drift hits all alike
-            for k in variants:
+        order = list(variants)
+        for i in range(args.repeats + 3):  # interleaved, so drift hits all alike; the order
+            for k in order if i % 2 else order[::-1]:  # reversed every other round (position)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 carries[k] = jax.block_until_ready(steps[k](*carries[k], grads))
                 if i >= 3:
                     wall[k].append(time.perf_counter() - start)
                     cpu[k].append(time.process_time() - start_cpu)
         piped: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(max(args.repeats // 3, 3)):  # 10 steps in flight, as in training
-            for k in variants:
+        for i in range(max(args.repeats // 3, 3)):  # 10 steps in flight, as in training
+            for k in order if i % 2 else order[::-1]:
                 start = time.perf_counter()
                 for _ in range(10):
                     carries[k] = steps[k](*carries[k], grads)
