@@ -1,6 +1,5 @@
 """The engine's one optimizer step (recipes/engine/workflow.py jit_train_step)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
