@@ -40,18 +40,24 @@ from sparse_jax import _packing
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from masked_overhead import random_tree, resnet50_shapes  # noqa: E402
 
-VARIANTS = ("bare", "sparse_jax.masked", "bits grad", "bits final", "bits both", "bool both",
-            "bool final", "iota both", "p != 0 final", "bare again")
+# variant -> (where the mask comes from, where it is applied); None: the library's own step.
+VARIANTS = {
+    "bare": ("none", ()), "sparse_jax.masked": None,
+    "bits grad": ("bits", ("grad",)), "bits final": ("bits", ("final",)),
+    "bits both": ("bits", ("grad", "final")), "bool both": ("bool", ("grad", "final")),
+    "bool final": ("bool", ("final",)), "iota both": ("iota", ("grad", "final")),
+    "p != 0 final": ("params", ("final",)), "bare again": ("none", ()),
+}
 
 
 def inner() -> optax.GradientTransformation:
     return optax.adamw(1e-3, weight_decay=1e-4)
 
 
-def hand_written_step(variant: str, shapes: list[tuple[int, ...]]):
-    """``(params, state, grads, mask operands) -> (params, state)`` for a hand-written variant."""
+def hand_written_step(source: str, where: tuple[str, ...], shapes: list[tuple[int, ...]]):
+    """``(params, state, grads, mask operands) -> (params, state)``: the mask from ``source``
+    applied at ``where`` ("grad" and/or "final")."""
     tx = inner()
-    source, _, where = variant.partition(" ")
 
     def masks_of(operands, params):
         if source == "bits":
@@ -61,16 +67,16 @@ def hand_written_step(variant: str, shapes: list[tuple[int, ...]]):
             return [None if b is None else
                     jax.lax.broadcasted_iota(jnp.int32, s, len(s) - 2 if len(s) > 1 else 0) % 4 < 2
                     for b, s in zip(operands, shapes)]
-        if source == "p":
+        if source == "params":
             return [None if b is None else p != 0 for b, p in zip(operands, params)]
         return operands  # bool
 
     def step(params, state, grads, operands):
-        masks = masks_of(operands, params) if source != "bare" else [None] * len(params)
-        if where in ("grad", "both"):
+        masks = masks_of(operands, params) if where else [None] * len(params)
+        if "grad" in where:
             grads = [g if m is None else jnp.where(m, g, 0.0) for g, m in zip(grads, masks)]
         updates, state = tx.update(grads, state, params)
-        if where in ("final", "!= 0 final", "both"):
+        if "final" in where:
             updates = [u if m is None else jnp.where(m, u, -p)
                        for u, p, m in zip(updates, params, masks)]
         return [p + u for p, u in zip(params, updates)], state
@@ -96,7 +102,7 @@ def main() -> None:
 
     steps, carries, operands = {}, {}, {}
     for variant in VARIANTS:
-        if variant == "sparse_jax.masked":
+        if VARIANTS[variant] is None:
             tx = sparse_jax.masked(inner(), mask_tree)
 
             def library_step(p, s, g, _, tx=tx):
@@ -107,17 +113,17 @@ def main() -> None:
             carries[variant] = (jax.tree.map(jnp.copy, pruned), tx.init(pruned))
             operands[variant] = None
             continue
-        steps[variant], tx = hand_written_step("bare" if variant == "bare again" else variant,
-                                               shapes)
+        steps[variant], tx = hand_written_step(*VARIANTS[variant], shapes)
         copied = [jnp.copy(x) for x in leaves]
         carries[variant] = (copied, tx.init(copied))
-        operands[variant] = bools if variant.startswith("bool") else bits
+        operands[variant] = bools if VARIANTS[variant][0] == "bool" else bits
     step_grads = {v: jax.tree.unflatten(jax.tree.structure(pruned), grads)
-                  if v == "sparse_jax.masked" else grads for v in VARIANTS}
+                  if VARIANTS[v] is None else grads for v in VARIANTS}
 
+    order = list(VARIANTS)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for sample in range(args.samples + 2):  # interleaved, order reversed every other sample
-        for v in VARIANTS if sample % 2 else VARIANTS[::-1]:
+        for v in order if sample % 2 else order[::-1]:
             start = time.perf_counter()
             for _ in range(5):
                 carries[v] = steps[v](*carries[v], step_grads[v], operands[v])

@@ -273,18 +273,16 @@ def masked(
     def leafwise(updates, inner_state, params, extra_args) -> bool:
         # One trace of inner.update per signature (an eager loop would trace every step).
         args = (updates, inner_state, params, extra_args)
+        prove = lambda: _leafwise.is_leafwise_elementwise(
+            inner.update, updates, inner_state, params, **extra_args
+        )
         try:
             key = (jax.tree.structure(args), tuple(jax.typeof(x) for x in jax.tree.leaves(args)))
             hash(key)
-        except TypeError:
-            key = None
-        if key is None or key not in leafwise_by_signature:
-            found = _leafwise.is_leafwise_elementwise(
-                inner.update, updates, inner_state, params, **extra_args
-            )
-            if key is None:
-                return found
-            leafwise_by_signature[key] = found
+        except TypeError:  # a leaf without a hashable type: prove it each time
+            return prove()
+        if key not in leafwise_by_signature:
+            leafwise_by_signature[key] = prove()
         return leafwise_by_signature[key]
 
     def update_fn(updates, state, params=None, **extra_args):
