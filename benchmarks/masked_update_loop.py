@@ -1,13 +1,12 @@
 """The machine code that `sparse_jax.masked(adamw)` adds to AdamW's update loop (CPU).
 
-Compiles three jitted steps for one 2:4-pruned ``(3, 3, 256, 256)`` convolution kernel: bare
-AdamW and ``masked(adamw)`` with ``optax.apply_updates`` (as ``masked_overhead.py`` times them),
-and ``masked(adamw)`` with `sparse_jax.apply_updates` (which selects after the add), and three
-hand-written steps that unpack the same bits other ways; has XLA dump
-the object code of each fusion, and prints the instructions per vector of weights in the inner
-loop of the fusion that computes the new params (the one with the square root), from
-``objdump -d``, and what each masked step adds to bare AdamW's. That loop is the one that reads
-the packed mask; the counts show the work the mask adds there, free of timing noise.
+Compiles jitted AdamW steps for one 2:4-pruned ``(3, 3, 256, 256)`` convolution kernel: bare
+AdamW; ``masked(adamw)`` with ``optax.apply_updates`` (as ``masked_overhead.py`` times it) and
+with `sparse_jax.apply_updates` (which selects after the add); and three hand-written steps that
+unpack the same bits other ways. XLA dumps the object code of each fusion; from ``objdump -d``
+the script prints the instructions per vector of weights in the inner loop of the fusion that
+computes the new params (the one with the square root, where the packed mask is read) and what
+each library step adds to bare AdamW's: the mask's work, free of timing noise.
 
 Usage: python benchmarks/masked_update_loop.py [--show]   (needs objdump; CPU only)
 """
