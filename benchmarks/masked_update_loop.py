@@ -8,7 +8,7 @@ the script prints the instructions per vector of weights in the inner loop of th
 computes the new params (the one with the square root, where the packed mask is read) and what
 each library step adds to bare AdamW's: the mask's work, free of timing noise.
 
-Usage: python benchmarks/masked_update_loop.py [--show]   (needs objdump; CPU only)
+Usage: python benchmarks/masked_update_loop.py [--show]   (needs objdump; runs on the CPU)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import tempfile
 if __name__ == "__main__":  # before jax is imported; importing this module (tests) dumps nothing
     DUMP = tempfile.mkdtemp(prefix="masked_update_loop_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the CPU's code, also on a machine with a GPU
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
@@ -142,8 +143,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--show", action="store_true", help="print the loops")
     args = parser.parse_args()
-    if shutil.which("objdump") is None or jax.default_backend() != "cpu":
-        sys.exit("needs objdump and the CPU backend")
+    if shutil.which("objdump") is None:
+        sys.exit("needs objdump (binutils)")
     compile_steps()
     loops = {name: update_loop(name) for name in [*STEPS, *HAND_WRITTEN]}
     if None in loops.values():
