@@ -54,14 +54,41 @@ def inner() -> optax.GradientTransformation:
     return optax.adamw(1e-3, weight_decay=1e-4)
 
 
-def hand_written_step(source: str, where: tuple[str, ...], shapes: list[tuple[int, ...]]):
+def _split(shape, axis):  # the packed axis as (bytes, 8 bits)
+    return shape[:axis] + (shape[axis] // 8, 8) + shape[axis + 1:]
+
+
+def shift_unpack(bits, shape):
+    """`_packing.unpack_bits` by a shift instead of a bit test (packed along an axis only)."""
+    axis = _packing.packed_axis(shape)
+    split = _split(shape, axis)
+    spread = jnp.broadcast_to(jnp.expand_dims(bits, axis + 1), split)
+    shift = jax.lax.broadcasted_iota(jnp.uint8, split, axis + 1)
+    return (jax.lax.shift_right_logical(spread, shift) & 1).astype(bool).reshape(shape)
+
+
+def sign_bit_unpack(bits, shape):
+    """`_packing.unpack_bits` with each bit moved to the sign of a 32-bit lane."""
+    axis = _packing.packed_axis(shape)
+    split = _split(shape, axis)
+    spread = jnp.broadcast_to(jnp.expand_dims(bits, axis + 1), split).astype(jnp.int32)
+    shift = 31 - jax.lax.broadcasted_iota(jnp.int32, split, axis + 1)
+    return ((spread << shift) < 0).reshape(shape)
+
+
+# Mask sources that unpack the packed bits (one operand per pruned leaf, 1 bit a weight).
+UNPACKINGS = {"bits": _packing.unpack_bits, "shift": shift_unpack, "sign bit": sign_bit_unpack}
+
+
+def hand_written_step(source: str, where: tuple[str, ...], shapes: list[tuple[int, ...]],
+                      name: str = "step"):
     """``(params, state, grads, mask operands) -> (params, state)``: the mask from ``source``
-    applied at ``where`` ("grad" and/or "final")."""
+    applied at ``where`` ("grad" and/or "final"); ``name`` names XLA's module."""
     tx = inner()
 
     def masks_of(operands, params):
-        if source == "bits":
-            return [None if b is None else _packing.unpack_bits(b, s)
+        if source in UNPACKINGS:
+            return [None if b is None else UNPACKINGS[source](b, s)
                     for b, s in zip(operands, shapes)]
         if source == "iota":  # keeps entries 0, 1 of every 4 along the input axis
             return [None if b is None else
@@ -81,6 +108,7 @@ def hand_written_step(source: str, where: tuple[str, ...], shapes: list[tuple[in
                        for u, p, m in zip(updates, params, masks)]
         return [p + u for p, u in zip(params, updates)], state
 
+    step.__name__ = name
     return jax.jit(step, donate_argnums=(0, 1)), tx
 
 

@@ -29,11 +29,13 @@ if __name__ == "__main__":  # before jax is imported; importing this module (tes
     os.environ["JAX_PLATFORMS"] = "cpu"  # the CPU's code, also on a machine with a GPU
 
 import jax  # noqa: E402  (after XLA_FLAGS)
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import sparse_jax  # noqa: E402
 from sparse_jax import _packing  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import masked_overhead_anatomy as anatomy  # noqa: E402
 
 LANES = {"xmm": 4, "ymm": 8, "zmm": 16}  # float32 entries per vector register
 _LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
@@ -46,31 +48,10 @@ STEPS = {  # name: (masked?, apply), the library's steps
 }
 
 
-def _split(shape, axis):  # the packed axis as (bytes, 8 bits)
-    return shape[:axis] + (shape[axis] // 8, 8) + shape[axis + 1:]
-
-
-def _shift_unpack(bits, p, axis):
-    split = _split(p.shape, axis)
-    spread = jnp.broadcast_to(jnp.expand_dims(bits, axis + 1), split)
-    shift = jax.lax.broadcasted_iota(jnp.uint8, split, axis + 1)
-    return (jax.lax.shift_right_logical(spread, shift) & 1).astype(bool).reshape(p.shape)
-
-
-def _sign_bit_unpack(bits, p, axis):  # each bit moved to the sign of a 32-bit lane
-    split = _split(p.shape, axis)
-    spread = jnp.broadcast_to(jnp.expand_dims(bits, axis + 1), split).astype(jnp.int32)
-    return ((spread << (31 - jax.lax.broadcasted_iota(jnp.int32, split, axis + 1))) < 0
-            ).reshape(p.shape)
-
-
-# Other ways to write the same `where(mask, u, -p)` by hand, on the library's packed bits;
-# the last reads the mask from the params' zeros (no mask in memory; not a usable design).
-HAND_WRITTEN = {
-    "hand_shift": _shift_unpack,
-    "hand_sign_bit": _sign_bit_unpack,
-    "hand_params_nonzero": lambda bits, p, axis: p != 0,
-}
+# Other ways to write the same ``where(mask, u, -p)`` by hand: the anatomy benchmark's steps on
+# the library's packed bits, unpacked two other ways, and the mask read from the params' zeros
+# (no mask in memory; not a usable design). name: mask source there.
+HAND_WRITTEN = {"hand_shift": "shift", "hand_sign_bit": "sign bit", "hand_params_nonzero": "params"}
 
 
 def compile_steps(shape=(3, 3, 256, 256)) -> None:
@@ -78,8 +59,7 @@ def compile_steps(shape=(3, 3, 256, 256)) -> None:
     grads = {"kernel": jax.random.normal(jax.random.key(1), shape)}
     pruned, masks = sparse_jax.prune(params)
     for name, (is_masked, apply) in STEPS.items():
-        tx = optax.adamw(1e-3, weight_decay=1e-4)
-        tx = sparse_jax.masked(tx, masks) if is_masked else tx
+        tx = sparse_jax.masked(anatomy.inner(), masks) if is_masked else anatomy.inner()
 
         def step(p, s, g, tx=tx, apply=apply):
             updates, s = tx.update(g, s, p)
@@ -89,17 +69,11 @@ def compile_steps(shape=(3, 3, 256, 256)) -> None:
 
         step.__name__ = f"{name}_step"  # names the dumped module
         jax.jit(step, donate_argnums=(0, 1)).lower(pruned, tx.init(pruned), grads).compile()
-    tx = optax.adamw(1e-3, weight_decay=1e-4)
-    kernel = pruned["kernel"]
-    bits, axis = _packing.pack_bits(masks["kernel"]), _packing.packed_axis(shape)
-    for name, unpack in HAND_WRITTEN.items():
-        def hand_step(p, s, g, bits, unpack=unpack):
-            updates, s = tx.update(g, s, p)
-            return p + jnp.where(unpack(bits, p, axis), updates, -p), s
-
-        hand_step.__name__ = f"{name}_step"
-        jax.jit(hand_step, donate_argnums=(0, 1)).lower(
-            kernel, tx.init(kernel), grads["kernel"], bits).compile()
+    leaves = [pruned["kernel"]]
+    bits = [_packing.pack_bits(masks["kernel"])]
+    for name, source in HAND_WRITTEN.items():
+        step, tx = anatomy.hand_written_step(source, ("final",), [shape], name=f"{name}_step")
+        step.lower(leaves, tx.init(leaves), [grads["kernel"]], bits).compile()
 
 
 def innermost_loop(listing: str) -> list[tuple[int, str, str]] | None:
